@@ -1,0 +1,3 @@
+"""gptdist: pre-train GPT language models with DeepSpeed tensor, pipeline and ZeRO data parallelism."""
+
+__version__ = "0.1.0"
