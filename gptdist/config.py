@@ -1,0 +1,208 @@
+"""The run config: a YAML recipe plus dotted `key=value` overrides, validated before any process group exists.
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.steps=50", "parallel.zero_stage=2"])
+
+Every problem is raised as a UserError whose one line names the key, the value and what is allowed.
+Checks that need the world size (the layout, the batch arithmetic) live in `Layout.resolve`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gptdist.data.config import DataConfig
+from gptdist.errors import UserError
+from gptdist.model.config import GPTConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, ge=1, description="tensor-parallel size")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size (stages)")
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage of the data-parallel optimizer")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+
+    @model_validator(mode="after")
+    def _zero_fits_pipeline(self) -> "ParallelConfig":
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"zero_stage={self.zero_stage} cannot be combined with pp={self.pp}: DeepSpeed's pipeline engine "
+                "supports only ZeRO stages 0 and 1 (stages 2 and 3 partition gradients/parameters across the "
+                "micro-batches the pipeline keeps in flight); use parallel.zero_stage=1"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1, description="optimizer steps to train")
+    micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward/backward")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="samples per optimizer step over all ranks (default micro_batch_size * dp)"
+    )
+    lr: float = Field(6e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(6e-5, ge=0, description="learning rate at the end of the decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="schedule after warm-up")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    seed: int = Field(1234, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU"
+    )
+    log_every: int = Field(10, ge=1, description="optimizer steps between host syncs that write metrics")
+    max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses tolerated before stopping")
+    peak_flops: Optional[float] = Field(None, gt=0, description="per-device peak FLOP/s for MFU (default: measured/datasheet)")
+    deepspeed_config: Optional[str] = Field(None, description="a DeepSpeed JSON merged over the generated one")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        return self
+
+
+class RunSection(_Section):
+    dir: str = Field("runs/default", min_length=1, description="run directory: checkpoints, metrics, MLflow store")
+    name: Optional[str] = Field(None, description="MLflow run name (default: the run directory's name)")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in run.dir)")
+    experiment: str = Field("gptdist", min_length=1)
+    on_unreachable: Literal["warn", "fail"] = Field("warn", description="tracking server down: train on, or stop")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="save every N optimizer steps (0: only at the end)")
+    keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
+    at_end: bool = True
+
+
+class RunConfig(_Section):
+    model: GPTConfig = Field(default_factory=GPTConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunSection = Field(default_factory=RunSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: Optional[str] = Field(None, description="'auto' or a checkpoint path")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, stored in checkpoints."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: YAML file -> dict -> overrides -> validated RunConfig
+
+
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> RunConfig:
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    # The run directory defaults to runs/<recipe name>, so two recipes never share one by accident.
+    if raw.get("run") is None:
+        raw["run"] = {}
+    if isinstance(raw["run"], dict):
+        raw["run"].setdefault("dir", f"runs/{Path(path).stem if path is not None else 'default'}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_describe(err, raw)) from None
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass the path of a YAML recipe, e.g. configs/tiny-cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise UserError(f"config file {path}{line} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: Dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, raw: Dict[str, Any]) -> str:
+    """One line for the first problem: the dotted key, the value given, and what is allowed."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) if loc else "config"
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f"; did you mean {'.'.join(loc[:-1] + [hint[0]])}?" if hint else ""
+        allowed = f" (known keys: {', '.join(sorted(known))})" if known and not hint else ""
+        return f"config error: unknown key {key}{suggestion}{allowed}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first["type"] in ("value_error", "assertion_error") or "input" not in first:
+        return f"config error: {key}: {msg}"
+    return f"config error: {key}={first['input']!r}: {msg}"
+
+
+def _known_keys(section_loc: List[str]) -> List[str]:
+    model: Any = RunConfig
+    for part in section_loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        # List[SourceSpec] / Optional[...] -> the model inside
+        for arg in getattr(model, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+        if part.isdigit():
+            continue
+    return list(getattr(model, "model_fields", {}).keys())
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,44 @@
+"""What the training data is and how it is read, validated (the `data:` section of a run config)."""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SourceSpec(BaseModel):
+    """One data source: a file, glob, folder, `pkg://package/relative/glob`, or a `datasets` hub name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1)
+    weight: float = Field(1.0, gt=0, description="relative sampling weight when several sources are mixed")
+    text_field: Optional[str] = Field(None, description="overrides data.text_field for this source")
+    name: Optional[str] = Field(None, description="`datasets` config name, for hub sources")
+    split: str = Field("train", description="`datasets` split, for hub sources")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: List[SourceSpec] = Field(default_factory=list, description="where the text comes from")
+    text_field: str = Field("text", min_length=1, description="column/key holding the text in JSONL and Parquet")
+    text_split: Literal["document", "paragraph", "line"] = Field(
+        "document", description="how a plain-text file is cut into documents (EOS goes between documents)"
+    )
+    tokenizer: str = Field("gpt2", min_length=1, description="'gpt2', a tokenizer.json, or a folder with vocab+merges")
+    shuffle_buffer: int = Field(1000, ge=0, description="documents per deterministic shuffle block; 0 keeps source order")
+    workers: int = Field(0, ge=0, description="tokenizing worker processes; 0 tokenizes in a background thread")
+    prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead of the trainer")
+    on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip it with a warning")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _accept_short_forms(cls, value: object) -> object:
+        # `sources: data/*.txt` and `sources: [a.jsonl, {path: b.jsonl, weight: 2}]` are both accepted.
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
