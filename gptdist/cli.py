@@ -1,0 +1,51 @@
+"""The `gptdist` command line: one entry point, a sub-command per job.
+
+    gptdist train CONFIG [key=value ...]        one rank of a training run (under deepspeed/srun, or alone)
+    gptdist data preview CONFIG ...             what a data-parallel rank receives
+    gptdist tokenizer train SOURCE ...          train a byte-level BPE tokenizer
+    gptdist bench data|train ...                benchmarks that print a table
+
+A UserError anywhere becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from gptdist.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptdist", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from gptdist.train.cli import register_train_commands
+
+    register_train_commands(sub)
+
+    from gptdist.data.cli import register_data_commands
+
+    register_data_commands(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks: print a table measured in one run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    from gptdist.data.cli import register_bench_data
+
+    register_bench_data(bench_sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"gptdist: {err}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
