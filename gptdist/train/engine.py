@@ -1,0 +1,41 @@
+"""Build the model and wrap it in a DeepSpeed engine, as the layout asks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gptdist.config import RunConfig
+from gptdist.model import GPT, init_parameters
+from gptdist.parallel.layout import Layout
+from gptdist.train.ds_config import build_ds_config
+from gptdist.train.optim import build_optimizer, build_scheduler
+
+
+def quiet_deepspeed(is_main: bool) -> None:
+    """DeepSpeed logs its set-up at INFO from every rank; keep rank 0's warnings and silence the rest."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    model = GPT(cfg.model)
+    # Every parameter from its own (seed, name) generator: the same values whatever the layout or rank count.
+    init_parameters(model, cfg.train.seed)
+    return model
+
+
+def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, device_type: str, precision: str):
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.train, device_type)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+        config=build_ds_config(cfg, layout, precision),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,78 @@
+"""Throughput, MFU and the per-step metrics record (RUN_DIR/metrics.jsonl), written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+# Dense peak FLOP/s per GPU from vendor datasheets (no sparsity), by precision. Matched by substring of the name.
+_GPU_PEAKS = [
+    ("H200", {"bf16": 989.5e12, "fp16": 989.5e12, "fp32": 494.7e12}),
+    ("H100", {"bf16": 989.5e12, "fp16": 989.5e12, "fp32": 494.7e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    ("V100", {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12}),
+]
+
+
+def datasheet_peak_flops(device_name: str, precision: str) -> Optional[float]:
+    for key, peaks in _GPU_PEAKS:
+        if key in device_name:
+            return peaks.get(precision)
+    return None
+
+
+def measure_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """The FLOP/s this process gets from one large matmul: the practical ceiling for MFU on CPU."""
+    device = torch.device(device_type)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times: List[float] = []
+    for _ in range(repeats + 1):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def peak_flops(configured: Optional[float], device_type: str, precision: str) -> float:
+    if configured:
+        return configured
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        found = datasheet_peak_flops(name, precision)
+        if found:
+            return found
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return measure_matmul_flops("cuda", dtype, n=8192)
+    return measure_matmul_flops("cpu")
+
+
+class MetricsLog:
+    """Appends one JSON object per optimizer step; reopening a run directory continues the same file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, records: Iterable[Dict]) -> None:
+        for record in records:
+            self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
