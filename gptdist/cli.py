@@ -3,6 +3,7 @@
     gptdist train CONFIG [key=value ...]        one rank of a training run (under deepspeed/srun, or alone)
     gptdist data preview CONFIG ...             what a data-parallel rank receives
     gptdist tokenizer train SOURCE ...          train a byte-level BPE tokenizer
+    gptdist compare-loss RUN_A RUN_B            do two runs' per-step losses agree?
     gptdist bench data|train ...                benchmarks that print a table
 
 A UserError anywhere becomes one line on stderr and exit status 2.
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gptdist.train.cli import register_train_commands
 
     register_train_commands(sub)
+
+    from gptdist.train.compare import register_compare_command
+
+    register_compare_command(sub)
 
     from gptdist.data.cli import register_data_commands
 
