@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptdist.model.block import Block, Blocks
 from gptdist.model.config import GPTConfig
 from gptdist.model.embedding import Embeddings
+from gptdist.model.head import LMHead
 from gptdist.model.init import init_parameters
 from gptdist.model.kv_cache import KVCache
 
@@ -34,6 +34,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = LMHead()
         if seed is not None:
             init_parameters(self, seed)
 
@@ -41,12 +42,14 @@ class GPT(nn.Module):
         """The last LayerNorm: the blocks leave the residual stream unnormalized."""
         return self.ln_f(hidden)
 
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, d_model) matrix the head scores against. Tied: the token embedding itself (Press & Wolf,
+        2017), which saves vocab*d_model parameters and ties input and output meaning."""
+        return self.embed.wte.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, vocab_size). Tied: a dot product with every token embedding
-        (Press & Wolf, 2017), which saves vocab*d_model parameters and ties input and output meaning."""
-        if self.cfg.tie_embeddings:
-            return F.linear(hidden, self.embed.wte.weight)
-        return self.lm_head(hidden)
+        """(B, T, d_model) -> (B, T, vocab_size)."""
+        return self.head(hidden, self.head_weight())
 
     def forward(
         self,
@@ -60,13 +63,10 @@ class GPT(nn.Module):
         over positions whose target is not -100, computed in float32 (bf16 log-softmax over a
         50k vocabulary loses too much precision).
 
-        With `kv_cache`, `idx` holds only the new tokens, at positions start_pos.. (see generate.py).
+        With `kv_cache`, `idx` holds only the new tokens, at positions start_pos.. (see decoding.py).
         """
         hidden = self.blocks(self.embed(idx, start_pos), kv_cache=kv_cache, start_pos=start_pos)
-        logits = self.logits(self.final_hidden(hidden))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return self.head(self.final_hidden(hidden), self.head_weight(), targets)
 
     def new_kv_cache(self) -> KVCache:
         """An empty cache with one slot per block, long enough for the whole context."""
