@@ -7,7 +7,7 @@ import logging
 import torch
 
 from gptdist.config import RunConfig
-from gptdist.model import GPT, init_parameters
+from gptdist.model import GPT
 from gptdist.parallel.layout import Layout
 from gptdist.train.ds_config import build_ds_config
 from gptdist.train.optim import build_optimizer, build_scheduler
@@ -21,10 +21,8 @@ def quiet_deepspeed(is_main: bool) -> None:
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
-    model = GPT(cfg.model)
     # Every parameter from its own (seed, name) generator: the same values whatever the layout or rank count.
-    init_parameters(model, cfg.train.seed)
-    return model
+    return GPT(cfg.model, seed=cfg.train.seed)
 
 
 def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, device_type: str, precision: str):
