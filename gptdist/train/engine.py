@@ -36,4 +36,18 @@ def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, device_
         config=build_ds_config(cfg, layout, precision),
         dist_init_required=False,
     )
+    _keep_clip_norm(engine)
     return engine
+
+
+def _keep_clip_norm(engine) -> None:
+    """Without ZeRO and mixed precision, DeepSpeed computes the global gradient norm while clipping and then drops
+    it. Keep it, so that grad_norm is reported in every layout (the ZeRO optimizers record theirs already)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -119,6 +119,7 @@ def train(cfg: RunConfig) -> int:
     model.train()
     for step in range(start_step, steps):
         step_loss = torch.zeros((), device=device)
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the last engine.step()
         for _ in range(layout.grad_accum):
             batch = next(batches)
             loss = engine(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
@@ -129,7 +130,7 @@ def train(cfg: RunConfig) -> int:
         done = step + 1
         pending.append({
             "step": done, "loss": step_loss / layout.grad_accum,
-            "lr": engine.get_lr()[0], "grad_norm": engine.get_global_grad_norm(),
+            "lr": lr, "grad_norm": engine.get_global_grad_norm(),
         })
         progress.update(1)
         last = done == steps

@@ -66,7 +66,12 @@ class NullTracker:
 
 class MlflowTracker(NullTracker):
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dict[str, Any], run_id: Optional[str]):
+        import logging
+
         from mlflow.tracking import MlflowClient
+
+        # MLflow announces its database migrations at INFO; the run's own log is what the user reads.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
         self.uri = tracking_uri(cfg, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
