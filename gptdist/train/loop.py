@@ -42,6 +42,8 @@ def train(cfg: RunConfig) -> int:
     precision = resolve_precision(cfg, device_type)
     if not place.is_main:
         warnings.filterwarnings("ignore")
+    # torch.distributed's deprecation notices are about DeepSpeed's calls, not anything a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
     runtime.init_process_group(device_type, timeout_s=600)
     from gptdist.train.checkpoint import save_checkpoint

@@ -75,10 +75,15 @@ def prepare_process(place: ProcessPlace) -> str:
 
 
 def init_process_group(device_type: str, timeout_s: float) -> None:
+    import contextlib
+    import io
+
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    # DeepSpeed prints a line per rank as it loads its communication op; errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 
 def finish_process(exit_code: int) -> None:
