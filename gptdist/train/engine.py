@@ -25,19 +25,36 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return GPT(cfg.model, seed=cfg.train.seed)
 
 
-def build_engine(cfg: RunConfig, layout: Layout, model: torch.nn.Module, device_type: str, precision: str):
+def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str):
+    """The model with the layout's parallelism applied, wrapped in DeepSpeed's engine, and the step function that
+    drives that engine (PlainStep for pp = 1, PipelineStep for pp > 1)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.train, device_type)
+    from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
+    from gptdist.parallel.pipeline import build_pipeline, cross_entropy_loss
+    from gptdist.train.steps import PipelineStep, PlainStep
+
+    model = build_model(cfg)
+    if layout.tp > 1:
+        raise NotImplementedError  # replaced when the tensor-parallel plan lands
+    if layout.pp > 1:
+        module = build_pipeline(model, topology.topo, cross_entropy_loss, cfg.parallel.activation_checkpointing)
+        mpu = None  # the pipeline engine builds its own grid from the topology and refuses an mpu
+    else:
+        if cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        module, mpu = model, topology
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
+        model=module,
+        optimizer=build_optimizer(module, cfg.train, device_type),
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
         config=build_ds_config(cfg, layout, precision),
+        mpu=mpu,
         dist_init_required=False,
     )
     _keep_clip_norm(engine)
-    return engine
+    step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum)
+    return engine, step_fn
 
 
 def _keep_clip_norm(engine) -> None:

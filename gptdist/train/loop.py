@@ -1,17 +1,16 @@
 """One rank of a training run, from validated config to the completion record.
 
-    config -> layout and data checks (no process group yet) -> process group -> model -> DeepSpeed engine
+    config -> layout and data checks (no process group yet) -> process group -> topology -> model
+      -> (tensor parallel plan) -> (pipeline stages) -> DeepSpeed engine
       -> loop over optimizer steps (micro-batches from the streaming loader) -> metrics, MLflow, checkpoints
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -20,6 +19,7 @@ from gptdist.model import count_parameters, flops_per_token
 from gptdist.parallel.layout import Layout
 from gptdist.train import runtime
 from gptdist.train.metrics import MetricsLog, peak_flops
+from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
 
 COMPLETE_FILE = "run_complete.json"
 
@@ -28,31 +28,31 @@ def train(cfg: RunConfig) -> int:
     place = runtime.discover_place()
     # Everything that can be refused is refused here, before any rank waits on another.
     layout = Layout.resolve(cfg, place.world_size)
-    if layout.tp > 1 or layout.pp > 1:
-        from gptdist.errors import UserError
-
-        raise UserError("layout error: parallel.tp and parallel.pp > 1 need the tensor/pipeline-parallel engine, "
-                        "which this version of gptdist does not include yet; use parallel.tp=1 parallel.pp=1")
     from gptdist.data import build_train_loader, check_data
+    from gptdist.train.ds_config import resolve_precision
 
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
     device_type = runtime.prepare_process(place)
-    from gptdist.train.ds_config import resolve_precision
-
     precision = resolve_precision(cfg, device_type)
     if not place.is_main:
         warnings.filterwarnings("ignore")
     # torch.distributed's deprecation notices are about DeepSpeed's calls, not anything a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
+    # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
 
     runtime.init_process_group(device_type, timeout_s=600)
+    from gptdist.parallel.topology import Topology
     from gptdist.train.checkpoint import save_checkpoint
-    from gptdist.train.engine import build_engine, build_model, quiet_deepspeed
-    from gptdist.train.tracking import NullTracker, start_tracker, flatten
+    from gptdist.train.engine import build_training_engine, quiet_deepspeed
+    from gptdist.train.steps import DataPosition
+    from gptdist.train.tracking import NullTracker, flatten, start_tracker
 
     quiet_deepspeed(place.is_main)
+    topology = Topology(layout, place.rank)
     run_dir = Path(cfg.run.dir)
-    log = _RankZeroLog(place.is_main)
+    log = RankZeroLog(place.is_main)
     tracker = NullTracker()
     metrics = None
     if place.is_main:
@@ -62,88 +62,52 @@ def train(cfg: RunConfig) -> int:
         tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()))
         tracker.log_artifact(run_dir / "config.yaml")
 
-    model = build_model(cfg)
-    engine = build_engine(cfg, layout, model, device_type, precision)
-    device = engine.device
-    dp_rank = place.rank  # tp = pp = 1: every rank is its own data-parallel replica
-
-    n_params = count_parameters(cfg.model)
+    engine, step_fn = build_training_engine(cfg, layout, topology, device_type, precision)
     fpt = flops_per_token(cfg.model)
-    peak = peak_flops(cfg.train.peak_flops, device_type, precision)
     tokens_per_step = layout.global_batch_size * cfg.model.seq_len
-    log.info(f"gptdist | {n_params / 1e6:.2f} M parameters | {layout.describe()} | {precision} on {device_type}")
+    log.info(f"gptdist | {count_parameters(cfg.model) / 1e6:.2f} M parameters | {layout.describe()} | "
+             f"{precision} on {device_type}")
     log.info(f"gptdist | run dir {run_dir} | {tokens_per_step} tokens/step | tracking run {tracker.run_id}")
 
-    loader = build_train_loader(
-        cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
-        dp_rank=dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=None,
-    )
-    batches = iter(loader)
-    start_step, steps = 0, cfg.train.steps
-    progress = _progress(place.is_main, start_step, steps)
-    pending: List[Dict[str, Any]] = []
-    window_start = time.perf_counter()
-    data_state: Dict[str, Any] = {}
+    position = DataPosition()
+    loader, batches = None, None
+    if topology.needs_data:
+        loader = build_train_loader(
+            cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
+            dp_rank=topology.dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=None,
+        )
+        batches = position.track(iter(loader), engine.device)
 
-    def flush() -> None:
-        nonlocal window_start
-        if not pending:
-            return
-        losses = torch.stack([p["loss"] for p in pending]).float()
-        # One collective per window, not per step: the mean over data-parallel replicas.
-        torch.distributed.all_reduce(losses, op=torch.distributed.ReduceOp.SUM)
-        losses = (losses / layout.dp).tolist()
-        elapsed = (time.perf_counter() - window_start) / len(pending)
-        window_start = time.perf_counter()
-        tokens_per_s = tokens_per_step / elapsed
-        mfu = tokens_per_s / place.world_size * fpt / peak
-        records = []
-        for item, loss in zip(pending, losses):
-            norm = item["grad_norm"]
-            records.append({
-                "step": item["step"], "loss": loss, "lr": item["lr"],
-                "grad_norm": float(norm) if norm is not None else None,
-                "tokens": item["step"] * tokens_per_step, "samples": item["step"] * layout.global_batch_size,
-                "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mfu": mfu,
-            })
-        pending.clear()
-        if metrics is not None:
-            metrics.write(records)
-            tracker.log_metrics(records)
-            progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+    start_step, steps = 0, cfg.train.steps
+    reporter = StepReporter(
+        tokens_per_step=tokens_per_step, samples_per_step=layout.global_batch_size,
+        flops_per_token=fpt, peak_flops=peak_flops(cfg.train.peak_flops, device_type, precision),
+        world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
+        dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
+    )
 
     def client_state(step: int) -> Dict[str, Any]:
         return {
-            "step": step, "data_state": data_state, "config": cfg.to_dict(), "config_digest": cfg.digest(),
+            "step": step, "data_state": position.state, "config": cfg.to_dict(), "config_digest": cfg.digest(),
             "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id, "layout": layout.__dict__,
         }
 
-    model.train()
+    engine.train()
     for step in range(start_step, steps):
-        step_loss = torch.zeros((), device=device)
-        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the last engine.step()
-        for _ in range(layout.grad_accum):
-            batch = next(batches)
-            loss = engine(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float()
-            data_state = batch.state
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the step
+        loss = step_fn(batches)
         done = step + 1
-        pending.append({
-            "step": done, "loss": step_loss / layout.grad_accum,
-            "lr": lr, "grad_norm": engine.get_global_grad_norm(),
-        })
-        progress.update(1)
+        reporter.add(done, loss, lr, engine.get_global_grad_norm())
         last = done == steps
         if done % cfg.train.log_every == 0 or last:
-            flush()
+            reporter.flush()
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
-            flush()
+            reporter.flush()
             save_checkpoint(engine, run_dir, done, client_state(done))
 
-    progress.close()
-    loader.close()
+    reporter.close()
+    if loader is not None:
+        loader.close()
     if place.is_main:
         metrics.close()
         (run_dir / COMPLETE_FILE).write_text(json.dumps({"steps": steps, "mlflow_run_id": tracker.run_id}) + "\n")
@@ -151,19 +115,3 @@ def train(cfg: RunConfig) -> int:
         log.info(f"gptdist | finished {steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     torch.distributed.barrier()
     return 0
-
-
-class _RankZeroLog:
-    def __init__(self, is_main: bool):
-        self.is_main = is_main
-
-    def info(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
-
-
-def _progress(is_main: bool, start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, disable=not is_main, unit="step", dynamic_ncols=True,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)

@@ -1,0 +1,78 @@
+"""What rank 0 tells the user during training: a progress bar, metrics.jsonl, MLflow.
+
+Losses stay on the device until a logging window closes; then one collective gives the data-parallel mean of
+every step in the window, and one batch of records goes to metrics.jsonl and MLflow. Between windows the loop
+never waits on the host.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+class RankZeroLog:
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def progress_bar(is_main: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    # In a log file (not a terminal) a bar redrawn every second would flood it: redraw every 30 s there.
+    return tqdm(total=total, initial=start, disable=not is_main, unit="step", dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+
+class StepReporter:
+    def __init__(self, *, tokens_per_step: int, samples_per_step: int, flops_per_token: float, peak_flops: float,
+                 world_size: int, dp_group, dp_size: int, metrics, tracker, progress):
+        self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
+        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self.dp_group, self.dp_size = dp_group, dp_size
+        self.metrics, self.tracker, self.progress = metrics, tracker, progress
+        self.pending: List[Dict[str, Any]] = []
+        self.window_start = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, grad_norm: Optional[Any]) -> None:
+        self.pending.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        self.progress.update(1)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([p["loss"] for p in self.pending])
+        if self.dp_group is not None and self.dp_size > 1:
+            torch.distributed.all_reduce(losses, op=torch.distributed.ReduceOp.SUM, group=self.dp_group)
+            losses = losses / self.dp_size
+        values = losses.tolist()
+        step_time = (time.perf_counter() - self.window_start) / len(self.pending)
+        self.window_start = time.perf_counter()
+        tokens_per_s = self.tokens_per_step / step_time
+        mfu = tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops
+        records = []
+        for item, loss in zip(self.pending, values):
+            norm = item["grad_norm"]
+            records.append({
+                "step": item["step"], "loss": loss, "lr": item["lr"],
+                "grad_norm": float(norm) if norm is not None else None,
+                "tokens": item["step"] * self.tokens_per_step, "samples": item["step"] * self.samples_per_step,
+                "tokens_per_s": tokens_per_s, "step_time_s": step_time, "mfu": mfu,
+            })
+        self.pending.clear()
+        if self.metrics is not None:
+            self.metrics.write(records)
+            self.tracker.log_metrics(records)
+            last = records[-1]
+            self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+
+    def close(self) -> None:
+        self.flush()
+        self.progress.close()
