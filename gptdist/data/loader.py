@@ -106,7 +106,8 @@ class TrainLoader:
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.start_state = make_state(plan, seq_len, start.sample, start.block, start.offset, start.cursors or [])
-        self.stats: Dict[str, int] = {"blocks_tokenized": 0, "documents_tokenized": 0, "tokens": 0}
+        # Counted on the packing side: blocks this loader tokenized (first_block: where it started, -1 before).
+        self.stats: Dict[str, int] = {"blocks_tokenized": 0, "documents_tokenized": 0, "tokens": 0, "first_block": -1}
         self._bad = _BadFileLog()
         self._error: Optional[BaseException] = None
         self._producer = _Producer(self, start, workers, prefetch)
@@ -150,6 +151,8 @@ class _Producer:
         stats, bad, plan = loader.stats, loader._bad, loader.plan
 
         def seen(block: TokBlock) -> None:
+            if stats["blocks_tokenized"] == 0:
+                stats["first_block"] = block.index
             stats["blocks_tokenized"] += 1
             stats["documents_tokenized"] += block.documents
             stats["tokens"] += len(block.tokens)

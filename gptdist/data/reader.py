@@ -144,8 +144,13 @@ class SourceReader:
 
     def bad_file(self, i: int, bad: BadFile) -> None:
         name = self.unit_name(i)
+        if self.src.hub is not None:
+            raise UserError(
+                f"{self.src.describe()} is not a local file, folder or glob, and reading it as a `datasets` hub "
+                f"dataset failed: {bad.reason}; fix the path, or the dataset's name/split and the network access"
+            )
         where = f"file {name}" + (f" line {bad.line}" if bad.line is not None else "")
-        if self.on_bad_file == "fail" or self.src.hub is not None:
+        if self.on_bad_file == "fail":
             raise UserError(
                 f"{self.src.describe()}: {where} {bad.reason}; fix or remove the file, "
                 f"or set data.on_bad_file=skip to skip bad files with a warning"
