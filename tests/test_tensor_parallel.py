@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptdist.model import GPT, GPTConfig, generate
+from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
 from gptdist.parallel.tp_grad import tp_grad_norm
 from gptdist.parallel.tp_layers import (
     ColumnParallelLinear,
@@ -192,6 +193,10 @@ def check_gpt(group) -> None:
 
         with torch.no_grad():
             close(model(idx), ref(idx), "logits")
+            # the two halves a pipeline's last stage and loss function call separately
+            hidden = model.final_hidden(model.blocks(model.embed(idx)))
+            split = model.head.loss(model.head.local_logits(hidden, model.head_weight()), targets)
+            close(split, ref_loss.detach(), "local_logits + loss")
         assert generate(model, [1, 2, 3], 5) == generate(ref, [1, 2, 3], 5)
 
         # meta-device build: the shards come from init_value, never from a full model
@@ -202,6 +207,13 @@ def check_gpt(group) -> None:
         for k, v in lazy.state_dict().items():
             assert not v.is_meta and torch.equal(v, sharded_sd[k]), f"meta build differs at {k}"
         close(lazy(idx, targets), ref_loss.detach(), "meta-built loss")
+
+        # recomputing blocks in backward repeats their collectives in the same order on every rank
+        recomputed = apply_tensor_parallel(GPT(cfg, seed=3), group)
+        apply_activation_checkpointing(recomputed)
+        recomputed(idx, targets).backward()
+        for (name, p), q in zip(model.named_parameters(), recomputed.parameters()):
+            close(q.grad, p.grad, f"checkpointed grad {name}")
 
         # and back: a full state dict loaded into a sharded model reproduces its shards
         fresh = apply_tensor_parallel(GPT(cfg, seed=5), group)
@@ -258,3 +270,15 @@ def test_divisibility_and_misuse_errors():
         apply_tensor_parallel(apply_tensor_parallel(GPT(tiny()), None), None)
     with pytest.raises(ValueError, match="gather_output"):
         ColumnParallelLinear(4, 12, gather_output=True, stride=3)
+
+
+def test_deepspeed_sees_sharded_parameters():
+    # DeepSpeed's gradient-norm code counts a parameter on every tp rank only if this says so
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    model = apply_tensor_parallel(GPT(tiny(tie_embeddings=False)), None)
+    sharded = {n for n, p in model.named_parameters() if is_model_parallel_parameter(p)}
+    block = {f"blocks.{i}.{m}" for i in range(2) for m in
+             ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight")}
+    assert sharded == block | {"embed.wte.weight", "lm_head.weight"}
+    assert all(p.tp_partition_dim is None for n, p in model.named_parameters() if n not in sharded)

@@ -89,11 +89,19 @@ class VocabParallelLMHead(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        local_logits = F.linear(copy_to_tp_region(hidden, self.group), weight)
+        local_logits = self.local_logits(hidden, weight)
         if targets is None:
             return gather_from_tp_region(local_logits, self.group)
+        return self.loss(local_logits, targets)
+
+    def local_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> this rank's (B, T, V/tp) logits. With `loss`, the two halves of forward, for a
+        pipeline whose last stage outputs logits and whose loss function runs separately."""
+        return F.linear(copy_to_tp_region(hidden, self.group), weight)
+
+    def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != ignore_index (NaN when there are none, as F.cross_entropy)."""
         losses = vocab_parallel_cross_entropy(local_logits, targets, self.group, self.ignore_index)
-        # Mean over valid targets, as F.cross_entropy(ignore_index=...) does (NaN when there are none).
         return losses.sum() / (targets != self.ignore_index).sum()
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from gptdist.model.config import GPTConfig
 from gptdist.model.init import init_value
-from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
+from gptdist.parallel.tp_comm import Group, tp_size
 from gptdist.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from gptdist.parallel.tp_head import VocabParallelLMHead
 from gptdist.parallel.tp_shard import REPLICATED, tag
@@ -73,8 +73,7 @@ def apply_tensor_parallel(model: nn.Module, group: Group, seed: Optional[int] = 
     stays where the model is. All ranks of the group must call this with the same arguments.
     """
     cfg: GPTConfig = model.cfg
-    size, rank = tp_size(group), tp_rank(group)
-    check_tp_divisibility(cfg, size)
+    check_tp_divisibility(cfg, tp_size(group))
     if getattr(model, "head", None) is None:
         raise ValueError("apply_tensor_parallel needs the GPT's `head` module (the loss is computed there)")
     if any(isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) for m in model.modules()):
