@@ -1,0 +1,179 @@
+"""`gptdist bench data`: is the loader fast enough? One table, measured in one run on one corpus and tokenizer.
+
+Rows (medians over --repeats):
+* the loader with workers=0 and with W workers, from build_train_loader to --tokens tokens delivered as
+  micro-batches (start-up included; its median is shown on its own too), as one rank of one (dp_size=1);
+* the anchor: `datasets`' own non-streaming load_dataset(...) + map(batched=True) tokenizing about the same number
+  of tokens of the same text with the same tokenizer (start-up included the same way: a fresh cache every repeat);
+* the model: tokens/s of forward + backward + AdamW step of the config's GPT on random tokens.
+The loader, the anchor and the model all take the machine in turn, so the ratios compare capacities: a training
+process runs them at the same time on shared cores, and every data-parallel rank tokenizes the whole stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from gptdist.errors import UserError
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gptdist.config import load_config
+    from gptdist.data.checks import check_data
+
+    if args.tokens < 1 or args.repeats < 1 or args.workers < 1:
+        raise UserError("--tokens, --repeats and --workers must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    tok = check_data(cfg.data, cfg.model.vocab_size)
+    seq_len, batch = cfg.model.seq_len, cfg.train.micro_batch_size
+    rows: List[Tuple[str, Optional[float], Optional[float], str]] = []
+    for workers in (0, args.workers):
+        runs = [_loader_run(cfg, workers, args.tokens) for _ in range(args.repeats)]
+        rate = statistics.median(r[0] for r in runs)
+        startup = statistics.median(r[1] for r in runs)
+        rows.append((f"loader, workers={workers}", rate, startup, ""))
+    anchor, note = _anchor_rate(cfg.data, tok, args.tokens, args.repeats)
+    rows.append(("anchor: datasets load_dataset + map(batched)", anchor, None, note))
+    model, note = _model_rate(cfg, args.model_steps, args.repeats)
+    rows.append((f"model: fwd+bwd+AdamW, {batch}x{seq_len}", model, None, note))
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"gptdist bench data: {args.config}, tokenizer {cfg.data.tokenizer} ({tok.vocab_size} tokens), "
+        f"text_split={cfg.data.text_split}, seq_len={seq_len}, micro_batch={batch}, {args.tokens:,} tokens per run, "
+        f"median of {args.repeats}, {cores} CPU cores"
+    )
+    print(f"{'measure':<46} {'tokens/s':>12} {'startup s':>10} {'vs anchor':>10} {'vs model':>9}  note")
+    for name, rate, startup, note in rows:
+        print(
+            f"{name:<46} {_num(rate):>12} {'' if startup is None else f'{startup:.2f}':>10} "
+            f"{_ratio(rate, anchor):>10} {_ratio(rate, model):>9}  {note}".rstrip()
+        )
+    return 0
+
+
+def _num(rate: Optional[float]) -> str:
+    return "n/a" if rate is None else f"{rate:,.0f}"
+
+
+def _ratio(rate: Optional[float], base: Optional[float]) -> str:
+    return "" if rate is None or not base else f"{rate / base:.2f}x"
+
+
+def _loader_run(cfg, workers: int, tokens: int) -> Tuple[float, float]:
+    """(tokens/s from build to `tokens` delivered, seconds to the first micro-batch)."""
+    from gptdist.data.loader import build_train_loader
+
+    data = cfg.data.model_copy(update={"workers": workers})
+    per_batch = cfg.train.micro_batch_size * cfg.model.seq_len
+    t0 = time.perf_counter()
+    first = None
+    done = 0
+    with build_train_loader(
+        data, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=0, dp_size=1, seed=cfg.train.seed,
+    ) as loader:
+        for _ in loader:
+            first = first if first is not None else time.perf_counter() - t0
+            done += per_batch
+            if done >= tokens:
+                break
+    return done / (time.perf_counter() - t0), first or 0.0
+
+
+def _anchor_rate(data_cfg, tok, tokens: int, repeats: int) -> Tuple[Optional[float], str]:
+    from gptdist.data.sources import resolve_sources
+
+    sources = resolve_sources(data_cfg)
+    files = [f for s in sources for f in s.files]
+    kinds = {f.kind for f in files}
+    if any(s.hub is not None for s in sources) or len(kinds) != 1:
+        return None, "n/a: needs local files of one kind"
+    kind = kinds.pop()
+    field = "text" if kind == "text" else sources[0].text_field
+    rates = []
+    for _ in range(repeats):
+        rate = _anchor_once(kind, [f.path for f in files], data_cfg.text_split, field, tok, tokens)
+        rates.append(rate)
+    return statistics.median(rates), ""
+
+
+def _anchor_once(kind: str, files: List[str], text_split: str, field: str, tok, tokens: int) -> float:
+    import datasets
+    from datasets import load_dataset
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    kwargs: Dict[str, object] = {"sample_by": text_split} if kind == "text" else {}
+    if kind == "parquet":
+        kwargs["columns"] = [field]
+    encode: Callable = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)
+
+    def tokenize(batch: Dict[str, list]) -> Dict[str, list]:
+        texts = [t for t in batch[field] if t and not t.isspace()]
+        return {"input_ids": [e.ids for e in encode(texts, add_special_tokens=False)]}
+
+    with tempfile.TemporaryDirectory(prefix="gptdist-bench-") as cache:
+        t0 = time.perf_counter()
+        ds = load_dataset(kind, data_files=files, split="train", cache_dir=cache, **kwargs)
+        rows = _rows_for(ds, field, tok, tokens)
+        ds = ds.select(range(rows)) if rows < len(ds) else ds
+        out = ds.map(
+            tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names,
+            keep_in_memory=True, load_from_cache_file=False, new_fingerprint="gptdist-bench",
+        )
+        elapsed = time.perf_counter() - t0
+    count = sum(len(ids) for ids in out["input_ids"])
+    return count / elapsed
+
+
+def _rows_for(ds, field: str, tok, tokens: int) -> int:
+    """Rows holding about `tokens` tokens, estimated from the first rows' characters per token."""
+    probe = [t for t in ds.select(range(min(200, len(ds))))[field] if t]
+    chars = sum(len(t) for t in probe)
+    per_token = chars / max(1, sum(len(i) for i in tok.encode_batch(probe)))
+    want, total = tokens * per_token, 0
+    for start in range(0, len(ds), 5000):
+        for i, text in enumerate(ds.select(range(start, min(len(ds), start + 5000)))[field]):
+            total += len(text or "")
+            if total >= want:
+                return start + i + 1
+    return len(ds)
+
+
+def _model_rate(cfg, steps: int, repeats: int) -> Tuple[Optional[float], str]:
+    try:
+        import torch
+
+        from gptdist.model import GPT, init_parameters
+    except ImportError as exc:  # the model package is optional for this bench
+        return None, f"n/a: {exc}"
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    init_parameters(model, cfg.train.seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    b, t = cfg.train.micro_batch_size, cfg.model.seq_len
+    x = torch.randint(0, cfg.model.vocab_size, (b, t))
+    y = torch.randint(0, cfg.model.vocab_size, (b, t))
+
+    def step() -> None:
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, AdamW state
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(b * t * steps / (time.perf_counter() - t0))
+    params = sum(p.numel() for p in model.parameters())
+    return statistics.median(rates), f"{params / 1e6:.1f}M parameters, {torch.get_num_threads()} torch threads"
