@@ -134,6 +134,11 @@ class SourceReader:
             found = find_bad_json_line(f.path, self.src.text_field)
             if found is not None:
                 return BadFile(found[1], line=found[0])
+        if f is not None:
+            try:  # precise reasons (file offset of a bad byte, a missing Parquet column) beat the library's message
+                validate_file(f.path, f.kind, self.src.text_field)
+            except BadFile as bad:
+                return bad
         if exc is None:
             known = f" (fields: {', '.join(fields)})" if fields else ""
             return BadFile(f"has a record whose {self.src.text_field!r} field is missing or not text{known}")
