@@ -1,4 +1,8 @@
-"""Build the model and wrap it in a DeepSpeed engine, as the layout asks."""
+"""Build the model with the layout's parallelism applied and wrap it in a DeepSpeed engine.
+
+The order follows torchtitan's: plain model (on the meta device when it will be sharded) -> tensor-parallel plan
+-> activation checkpointing -> pipeline stages -> DeepSpeed (ZeRO, optimizer, schedule).
+"""
 
 from __future__ import annotations
 
@@ -20,25 +24,34 @@ def quiet_deepspeed(is_main: bool) -> None:
     logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    # Every parameter from its own (seed, name) generator: the same values whatever the layout or rank count.
-    return GPT(cfg.model, seed=cfg.train.seed)
+def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device) -> torch.nn.Module:
+    """The GPT as this rank holds it. Every parameter's full value comes from its own (seed, name) generator, so
+    every layout starts from the same weights; under tensor parallelism the model is built on the meta device and
+    each rank materializes only its own shard."""
+    if layout.tp == 1:
+        return GPT(cfg.model, seed=cfg.train.seed)
+    from gptdist.parallel.tp_plan import apply_tensor_parallel
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, seed=None)
+    return apply_tensor_parallel(model, topology.tp_group, seed=cfg.train.seed, device=device)
 
 
 def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str):
-    """The model with the layout's parallelism applied, wrapped in DeepSpeed's engine, and the step function that
-    drives that engine (PlainStep for pp = 1, PipelineStep for pp > 1)."""
+    """The DeepSpeed engine over this rank's part of the model, and the step function that drives it
+    (PlainStep for pp = 1, PipelineStep for pp > 1)."""
     import deepspeed
 
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
     from gptdist.parallel.pipeline import build_pipeline, cross_entropy_loss
     from gptdist.train.steps import PipelineStep, PlainStep
 
-    model = build_model(cfg)
-    if layout.tp > 1:
-        raise NotImplementedError  # replaced when the tensor-parallel plan lands
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    model = build_model(cfg, layout, topology, device)
     if layout.pp > 1:
-        module = build_pipeline(model, topology.topo, cross_entropy_loss, cfg.parallel.activation_checkpointing)
+        # Under tensor parallelism the last stage emits vocab-sharded logits; the head's own loss reads them.
+        loss_fn = getattr(model.head, "loss", cross_entropy_loss)
+        module = build_pipeline(model, topology.topo, loss_fn, cfg.parallel.activation_checkpointing)
         mpu = None  # the pipeline engine builds its own grid from the topology and refuses an mpu
     else:
         if cfg.parallel.activation_checkpointing:
@@ -52,19 +65,32 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
         mpu=mpu,
         dist_init_required=False,
     )
-    _keep_clip_norm(engine)
+    _clip_with_layout_aware_norm(engine, topology, pipeline=layout.pp > 1)
     step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum)
     return engine, step_fn
 
 
-def _keep_clip_norm(engine) -> None:
-    """Without ZeRO and mixed precision, DeepSpeed computes the global gradient norm while clipping and then drops
-    it. Keep it, so that grad_norm is reported in every layout (the ZeRO optimizers record theirs already)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
+    """Gradient clipping without ZeRO and mixed precision (the ZeRO optimizers clip and record their own norm).
+
+    DeepSpeed's own routine here drops the norm it computes, and under a pipeline it counts replicated parameters
+    only on the first stage (it asks the grid's pipe x tensor rank where it means the tensor rank). This one counts
+    every parameter once: tensor-sharded ones on every rank, replicated ones on tensor rank 0, the tied embedding
+    on the first stage only, summed over the tensor (x pipe) group, and keeps the norm for the metrics.
+    """
+    from gptdist.parallel.tp_grad import tp_grad_norm
+
+    max_norm = engine.gradient_clipping()
+    group = engine.mpu.get_model_parallel_group() if pipeline else topology.tp_group
 
     def clip_and_record() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
+        params = [p for p in engine.module.parameters() if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        norm = tp_grad_norm(params, topology.tp_group, group)
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            for p in engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_record
