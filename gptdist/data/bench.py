@@ -92,8 +92,9 @@ def _anchor_rate(data_cfg, tok, tokens: int, repeats: int) -> Tuple[Optional[flo
     sources = resolve_sources(data_cfg)
     files = [f for s in sources for f in s.files]
     kinds = {f.kind for f in files}
-    if any(s.hub is not None for s in sources) or len(kinds) != 1:
-        return None, "n/a: needs local files of one kind"
+    fields = {s.text_field for s in sources}
+    if any(s.hub is not None for s in sources) or len(kinds) != 1 or (kinds != {"text"} and len(fields) != 1):
+        return None, "n/a: needs local files of one kind (and one text field)"
     kind = kinds.pop()
     field = "text" if kind == "text" else sources[0].text_field
     rates = []

@@ -104,8 +104,10 @@ def rank_batches(
         row += micro_batch_size
         after = start + row * world
         block, offset, cursors = packer.locate(after)
-        data = torch.from_numpy(windows)
-        yield Batch(data[:, :-1], data[:, 1:], indices, state_of(after, block, offset, cursors))
+        # Two separate tensors, not overlapping views: a trainer may mask targets in place.
+        inputs = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
+        targets = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
+        yield Batch(inputs, targets, indices, state_of(after, block, offset, cursors))
 
 
 def make_state(plan: DataPlan, seq_len: int, sample: int, block: int, offset: int, cursors: Sequence[Cursor]) -> Dict[str, Any]:
@@ -124,7 +126,7 @@ def make_state(plan: DataPlan, seq_len: int, sample: int, block: int, offset: in
 
 def parse_state(state: Optional[Dict[str, Any]], plan: DataPlan, seq_len: int) -> Start:
     """The start position a saved state stands for, after checking it fits this config."""
-    if state is None:
+    if not state:  # None, or {} from a run that saved before its first micro-batch: the very beginning
         return Start(cursors=plan.initial_cursors())
     try:
         version, sample, block, offset = (int(state[k]) for k in ("version", "sample", "block", "offset"))

@@ -98,7 +98,11 @@ class SourceReader:
         ds = self._by_kind.get(kind)
         if ds is None:
             paths = [f.path for f in self.src.files if f.kind == kind]
-            ds = self._by_kind[kind] = self._load(kind, paths)
+            try:
+                ds = self._load(kind, paths)
+            except Exception:  # e.g. a file name datasets reads as a pattern: load file by file, blame the right one
+                ds = False
+            self._by_kind[kind] = ds
         if ds is False:  # datasets did not give one shard per file: fall back to a dataset per file
             return self._load(kind, [self.src.files[i].path])
         return ds.shard(num_shards=ds.num_shards, index=pos)

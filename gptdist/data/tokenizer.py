@@ -25,8 +25,9 @@ EOS_TOKEN = "<|endoftext|>"
 # Other spellings of an end-of-text token, for tokenizer.json files trained elsewhere.
 _EOS_FALLBACKS = ("</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>")
 
-_CACHE: Dict[Tuple[int, str, float], "GPTTokenizer"] = {}
+_CACHE: Dict[Tuple[int, str, tuple], "GPTTokenizer"] = {}
 _CACHE_LOCK = threading.Lock()
+_FOLDER_FILES = ("tokenizer.json", "vocab.json", "encoder.json", "merges.txt", "vocab.bpe")
 
 
 class GPTTokenizer:
@@ -88,12 +89,11 @@ class GPTTokenizer:
 def load_tokenizer(spec: str, *, key: str = "data.tokenizer") -> GPTTokenizer:
     """'gpt2', a tokenizer.json, a folder holding tokenizer.json, or a folder with vocab.json/encoder.json + merges.txt/vocab.bpe.
 
-    Cached per process (and per file modification time): loading GPT-2's 50k merges takes a noticeable fraction of
+    Cached per process (and per file modification time and size): loading GPT-2's 50k merges takes a noticeable fraction of
     a second. The pid is part of the key so a forked worker builds its own and never uses its parent's.
     """
     path = _resolve(spec, key)
-    stamp = path.stat().st_mtime if path is not None else 0.0
-    cache_key = (os.getpid(), str(path) if path is not None else spec, stamp)
+    cache_key = (os.getpid(), str(path.resolve()) if path is not None else "gpt2", _stamp(path))
     with _CACHE_LOCK:
         hit = _CACHE.get(cache_key)
     if hit is not None:
@@ -102,6 +102,14 @@ def load_tokenizer(spec: str, *, key: str = "data.tokenizer") -> GPTTokenizer:
     with _CACHE_LOCK:
         _CACHE[cache_key] = tok
     return tok
+
+
+def _stamp(path: Path | None) -> tuple:
+    """Modification times and sizes of the files a spec reads (a folder's mtime misses rewritten files)."""
+    if path is None:
+        return ()
+    files = [path] if path.is_file() else [path / n for n in _FOLDER_FILES if (path / n).is_file()]
+    return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
 
 
 def _resolve(spec: str, key: str) -> Path | None:
