@@ -21,7 +21,6 @@ from gptdist.data.config import DataConfig
 from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
 from gptdist.data.sources import resolve_sources
 from gptdist.data.tokenizer import GPTTokenizer, load_tokenizer
-from gptdist.errors import UserError
 
 log = logging.getLogger("gptdist.data")
 
