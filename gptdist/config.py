@@ -100,7 +100,11 @@ class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    resume: Optional[str] = Field(None, description="'auto' or a checkpoint path")
+    resume: str = Field(
+        "auto", min_length=1,
+        description="'auto': continue from run.dir's newest complete checkpoint, if any; 'never': refuse a run.dir "
+                    "with checkpoints; or the path of a run directory or checkpoint to start from",
+    )
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")

@@ -29,6 +29,11 @@ class Layout:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.dp
 
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of a 1F1B pipeline step: (p - 1) / (m + p - 1) for p stages and m micro-batches."""
+        return (self.pp - 1) / (self.grad_accum + self.pp - 1)
+
     def describe(self) -> str:
         return (
             f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage} | "

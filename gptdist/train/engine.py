@@ -24,22 +24,29 @@ def quiet_deepspeed(is_main: bool) -> None:
     logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
-def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, weights=None) -> torch.nn.Module:
     """The GPT as this rank holds it. Every parameter's full value comes from its own (seed, name) generator, so
     every layout starts from the same weights; under tensor parallelism the model is built on the meta device and
-    each rank materializes only its own shard."""
+    each rank materializes only its own shard. `weights` (a LayoutFreeReader) replaces the initial values with a
+    checkpoint's, cut for this layout."""
     if layout.tp == 1:
-        return GPT(cfg.model, seed=cfg.train.seed)
-    from gptdist.parallel.tp_plan import apply_tensor_parallel
+        model = GPT(cfg.model, seed=cfg.train.seed)
+    else:
+        from gptdist.parallel.tp_plan import apply_tensor_parallel
 
-    with torch.device("meta"):
-        model = GPT(cfg.model, seed=None)
-    return apply_tensor_parallel(model, topology.tp_group, seed=cfg.train.seed, device=device)
+        with torch.device("meta"):
+            model = GPT(cfg.model, seed=None)
+        model = apply_tensor_parallel(model, topology.tp_group, seed=cfg.train.seed, device=device)
+    if weights is not None:
+        from gptdist.parallel.tp_state import load_full_state_dict
+
+        load_full_state_dict(model, weights.state_dict(), topology.tp_group)
+    return model
 
 
-def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str):
-    """The DeepSpeed engine over this rank's part of the model, and the step function that drives it
-    (PlainStep for pp = 1, PipelineStep for pp > 1)."""
+def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str, weights=None):
+    """The DeepSpeed engine over this rank's part of the model, the step function that drives it (PlainStep for
+    pp = 1, PipelineStep for pp > 1), and each parameter's canonical name by id (pipeline stages rename them)."""
     import deepspeed
 
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -47,7 +54,8 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
     from gptdist.train.steps import PipelineStep, PlainStep
 
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    model = build_model(cfg, layout, topology, device)
+    model = build_model(cfg, layout, topology, device, weights)
+    names = {id(p): name for name, p in model.named_parameters()}
     if layout.pp > 1:
         # Under tensor parallelism the last stage emits vocab-sharded logits; the head's own loss reads them.
         loss_fn = getattr(model.head, "loss", cross_entropy_loss)
@@ -67,7 +75,7 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
     )
     _clip_with_layout_aware_norm(engine, topology, pipeline=layout.pp > 1)
     step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum)
-    return engine, step_fn
+    return engine, step_fn, names
 
 
 def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:

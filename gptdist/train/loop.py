@@ -1,8 +1,8 @@
 """One rank of a training run, from validated config to the completion record.
 
-    config -> layout and data checks (no process group yet) -> process group -> topology -> model
-      -> (tensor parallel plan) -> (pipeline stages) -> DeepSpeed engine
-      -> loop over optimizer steps (micro-batches from the streaming loader) -> metrics, MLflow, checkpoints
+    config -> layout, data and resume checks (no process group yet) -> process group -> topology
+      -> checkpoint chosen (checksums verified together) -> model (tensor parallel plan, pipeline stages)
+      -> DeepSpeed engine -> state restored -> loop over optimizer steps -> metrics, MLflow, checkpoints
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from gptdist.config import RunConfig, dump_config
 from gptdist.model import count_parameters, flops_per_token
 from gptdist.parallel.layout import Layout
 from gptdist.train import runtime
-from gptdist.train.metrics import MetricsLog, peak_flops
+from gptdist.train.metrics import MetricsLog, peak_flops, truncate_metrics
 from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
 
 COMPLETE_FILE = "run_complete.json"
@@ -26,25 +26,24 @@ COMPLETE_FILE = "run_complete.json"
 
 def train(cfg: RunConfig) -> int:
     place = runtime.discover_place()
+    log = RankZeroLog(place.is_main)
     # Everything that can be refused is refused here, before any rank waits on another.
     layout = Layout.resolve(cfg, place.world_size)
+    from gptdist.checkpoint.resume import plan_resume
     from gptdist.data import build_train_loader, check_data
     from gptdist.train.ds_config import resolve_precision
 
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
+    candidates = plan_resume(cfg, tokenizer.identity, log.warn)
     device_type = runtime.prepare_process(place)
     precision = resolve_precision(cfg, device_type)
-    if not place.is_main:
-        warnings.filterwarnings("ignore")
-    # torch.distributed's deprecation notices are about DeepSpeed's calls, not anything a user can act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
-    # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
-    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
+    _quiet_warnings(place.is_main)
 
     runtime.init_process_group(device_type, timeout_s=600)
+    from gptdist.checkpoint.layout_free import LayoutFreeReader
+    from gptdist.checkpoint.resume import choose_verified, read_state, restore_moments, restore_same_layout, same_layout
+    from gptdist.checkpoint.store import SaveContext, save_checkpoint
     from gptdist.parallel.topology import Topology
-    from gptdist.train.checkpoint import save_checkpoint
     from gptdist.train.engine import build_training_engine, quiet_deepspeed
     from gptdist.train.steps import DataPosition
     from gptdist.train.tracking import NullTracker, flatten, start_tracker
@@ -52,45 +51,67 @@ def train(cfg: RunConfig) -> int:
     quiet_deepspeed(place.is_main)
     topology = Topology(layout, place.rank)
     run_dir = Path(cfg.run.dir)
-    log = RankZeroLog(place.is_main)
+
+    resume_from = choose_verified(candidates, place.rank, place.world_size, log.warn) if candidates else None
+    state: Dict[str, Any] = read_state(resume_from) if resume_from else {}
+    start_step = int(state.get("step", 0))
+    exact = resume_from is not None and same_layout(state, layout)
+    weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
+    engine, step_fn, names = build_training_engine(cfg, layout, topology, device_type, precision, weights)
+    if resume_from is not None:
+        if exact:
+            restore_same_layout(engine, resume_from, place.rank)
+        else:
+            restore_moments(engine, names, weights, topology, start_step)
+        log.info(f"gptdist | resumed from {resume_from} at step {start_step}"
+                 f"{'' if exact else ' (layout changed: weights and optimizer moments re-cut for this layout)'}")
+
     tracker = NullTracker()
     metrics = None
     if place.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        # Steps after the checkpoint were done by a run that died; they are about to be done again.
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
         metrics = MetricsLog(run_dir / "metrics.jsonl")
-        tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()))
+        tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()),
+                                run_id=state.get("mlflow_run_id") if start_step else None)
         tracker.log_artifact(run_dir / "config.yaml")
 
-    engine, step_fn = build_training_engine(cfg, layout, topology, device_type, precision)
     fpt = flops_per_token(cfg.model)
     tokens_per_step = layout.global_batch_size * cfg.model.seq_len
     log.info(f"gptdist | {count_parameters(cfg.model) / 1e6:.2f} M parameters | {layout.describe()} | "
              f"{precision} on {device_type}")
     log.info(f"gptdist | run dir {run_dir} | {tokens_per_step} tokens/step | tracking run {tracker.run_id}")
+    if layout.pp > 1 and layout.bubble_fraction > 0.25:
+        log.warn(f"pipeline bubble: {layout.grad_accum} micro-batches over {layout.pp} stages leave the stages idle "
+                 f"{layout.bubble_fraction:.0%} of each step; raise train.global_batch_size or lower micro_batch_size")
 
-    position = DataPosition()
+    position = DataPosition(state.get("data_state") or {})
     loader, batches = None, None
     if topology.needs_data:
         loader = build_train_loader(
             cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
-            dp_rank=topology.dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=None,
+            dp_rank=topology.dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=position.state,
         )
         batches = position.track(iter(loader), engine.device)
 
-    start_step, steps = 0, cfg.train.steps
+    steps = cfg.train.steps
     reporter = StepReporter(
         tokens_per_step=tokens_per_step, samples_per_step=layout.global_batch_size,
         flops_per_token=fpt, peak_flops=peak_flops(cfg.train.peak_flops, device_type, precision),
         world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
         dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
     )
+    saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size)
 
-    def client_state(step: int) -> Dict[str, Any]:
-        return {
-            "step": step, "data_state": position.state, "config": cfg.to_dict(), "config_digest": cfg.digest(),
-            "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id, "layout": layout.__dict__,
-        }
+    def save(step: int) -> None:
+        reporter.flush()
+        save_checkpoint(saver, step, {
+            "format": 1, "step": step, "data_state": position.state, "config": cfg.to_dict(),
+            "config_digest": cfg.digest(), "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id,
+            "layout": {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")},
+        }, keep=cfg.checkpoint.keep)
 
     engine.train()
     for step in range(start_step, steps):
@@ -102,8 +123,7 @@ def train(cfg: RunConfig) -> int:
         if done % cfg.train.log_every == 0 or last:
             reporter.flush()
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
-            reporter.flush()
-            save_checkpoint(engine, run_dir, done, client_state(done))
+            save(done)
 
     reporter.close()
     if loader is not None:
@@ -115,3 +135,13 @@ def train(cfg: RunConfig) -> int:
         log.info(f"gptdist | finished {steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     torch.distributed.barrier()
     return 0
+
+
+def _quiet_warnings(is_main: bool) -> None:
+    if not is_main:
+        warnings.filterwarnings("ignore")
+    # torch.distributed's deprecation notices are about DeepSpeed's calls, not anything a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
+    # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")

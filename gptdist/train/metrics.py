@@ -76,3 +76,16 @@ class MetricsLog:
 def read_metrics(path: Path) -> List[Dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (atomically): a resumed run redoes the steps after its
+    checkpoint, and metrics.jsonl must not hold them twice."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if int(r["step"]) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in kept:
+            fh.write(json.dumps(record) + "\n")
+    tmp.replace(path)

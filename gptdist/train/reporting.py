@@ -22,6 +22,10 @@ class RankZeroLog:
         if self.is_main:
             print(message, file=sys.stderr, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"gptdist | warning: {message}", file=sys.stderr, flush=True)
+
 
 def progress_bar(is_main: bool, start: int, total: int):
     from tqdm.auto import tqdm

@@ -14,8 +14,8 @@ import torch
 class DataPosition:
     """The loader state after the newest micro-batch this rank consumed (what a checkpoint must resume from)."""
 
-    def __init__(self) -> None:
-        self.state: Dict[str, Any] = {}
+    def __init__(self, state: Dict[str, Any]) -> None:
+        self.state = state
 
     def track(self, batches: Iterator, device: torch.device) -> Iterator:
         for batch in batches:
