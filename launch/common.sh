@@ -25,3 +25,37 @@ gptdist_cpu_env() {
 gptdist_free_port() {
   python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()'
 }
+
+# Every process below PID, depth first.
+gptdist_descendants() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    echo "$child"
+    gptdist_descendants "$child"
+  done
+}
+
+# Ask the training ranks started under PID to stop: each finishes its step, saves a checkpoint and exits 0.
+gptdist_stop_ranks() {
+  local pid cmd
+  for pid in $(gptdist_descendants "$1"); do
+    cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)"
+    # The ranks, not the launcher whose own command line names the module it starts.
+    if [[ "$cmd" == *"gptdist.cli train"* && "$cmd" != *"deepspeed.launcher"* ]]; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+}
+
+# Wait for the launcher PID; on SIGTERM, SIGINT or SIGUSR1 pass a stop request to its ranks (the deepspeed
+# launcher would otherwise kill them before they can save). Exits with the launcher's status.
+gptdist_forward_stop_signals() {
+  local launcher="$1" status=0
+  trap "gptdist_stop_ranks $launcher" TERM INT USR1
+  while true; do
+    wait "$launcher"
+    status=$?
+    kill -0 "$launcher" 2>/dev/null || break
+  done
+  exit "$status"
+}

@@ -81,6 +81,7 @@ class SaveContext:
     run_dir: Path
     rank: int
     world_size: int
+    faults: Any = None  # gptdist.train.faults.Faults, for reliability drills
 
 
 def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Path:
@@ -98,6 +99,8 @@ def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: in
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / "rng" / f"rank{ctx.rank:05d}.pt")
     write_layout_free(ctx.engine, ctx.names, ctx.topology, ctx.cfg, folder / "model")
+    if ctx.faults is not None:
+        ctx.faults.at("kill-during-save", step)
     dist.barrier()
     if ctx.rank == 0:
         merge_index(folder / "model", ctx.topology.layout.tp, ctx.topology.layout.pp)

@@ -19,9 +19,12 @@ from gptdist.model import count_parameters, flops_per_token
 from gptdist.parallel.layout import Layout
 from gptdist.train import runtime
 from gptdist.train.metrics import MetricsLog, peak_flops, truncate_metrics
+from gptdist.train.faults import Faults
 from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
+from gptdist.train.stop import StopRequest
 
 COMPLETE_FILE = "run_complete.json"
+STOPPED_FILE = "stopped.json"
 
 
 def train(cfg: RunConfig) -> int:
@@ -70,6 +73,8 @@ def train(cfg: RunConfig) -> int:
     metrics = None
     if place.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for marker in (STOPPED_FILE, COMPLETE_FILE):
+            (run_dir / marker).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         # Steps after the checkpoint were done by a run that died; they are about to be done again.
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
@@ -103,7 +108,9 @@ def train(cfg: RunConfig) -> int:
         world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
         dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
     )
-    saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size)
+    faults = Faults(place.rank)
+    saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size, faults)
+    stop = StopRequest()
 
     def save(step: int) -> None:
         reporter.flush()
@@ -114,18 +121,39 @@ def train(cfg: RunConfig) -> int:
         }, keep=cfg.checkpoint.keep)
 
     engine.train()
+    stopped_by = ""
     for step in range(start_step, steps):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the step
         loss = step_fn(batches)
         done = step + 1
         reporter.add(done, loss, lr, engine.get_global_grad_norm())
+        faults.at("kill", done)
         last = done == steps
         if done % cfg.train.log_every == 0 or last:
             reporter.flush()
+        saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
             save(done)
+            saved = True
+            faults.at("kill-after-save", done)
+        if not last and stop.agreed(engine.device):
+            stopped_by = stop.name or "a signal to another rank"
+            if not saved:
+                save(done)
+            break
 
     reporter.close()
+    if stopped_by:
+        if place.is_main:
+            metrics.close()
+            (run_dir / STOPPED_FILE).write_text(json.dumps({"step": done, "signal": stopped_by}) + "\n")
+            tracker.finish("KILLED")
+            log.info(f"gptdist | stopped after step {done} on {stopped_by}; checkpoint saved; "
+                     "run again with resume=auto to continue")
+        if loader is not None:
+            loader.close()
+        torch.distributed.barrier()
+        return 0
     if loader is not None:
         loader.close()
     if place.is_main:

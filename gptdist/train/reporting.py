@@ -75,7 +75,8 @@ class StepReporter:
             self.metrics.write(records)
             self.tracker.log_metrics(records)
             last = records[-1]
-            self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
+                                      refresh=False)
 
     def close(self) -> None:
         self.flush()
