@@ -53,8 +53,8 @@ gptdist_forward_stop_signals() {
   local launcher="$1" status=0
   trap "gptdist_stop_ranks $launcher" TERM INT USR1
   while true; do
-    wait "$launcher"
-    status=$?
+    status=0
+    wait "$launcher" || status=$?  # a trapped signal interrupts wait (status > 128) while the launcher runs on
     kill -0 "$launcher" 2>/dev/null || break
   done
   exit "$status"
