@@ -55,9 +55,21 @@ def _full_across_dp(engine, param: torch.nn.Parameter) -> Tuple[torch.Tensor, Di
     return weight, moments
 
 
+def _relink_optimizer_state(engine) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the Adam state once, after the first step. Under the pipeline
+    engine that first link can precede a parameter group's state (its slice then has no moments); linking again
+    now reads the state as it is."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path) -> None:
     """Called by every rank (the ZeRO gathers are collective); data-parallel rank 0 of each (tp, pp) writes."""
     from safetensors.torch import save_file
+
+    _relink_optimizer_state(engine)
 
     tensors: Dict[str, torch.Tensor] = {}
     meta: Dict[str, Dict] = {}
