@@ -1,0 +1,90 @@
+"""Resume: killed right after a checkpoint, a run continues exactly (bitwise) in the same layout, closely in any
+other layout, and a save torn by a kill is detected and skipped. Real launches of launch/train.sh; kills are real
+SIGKILLs injected with GPTDIST_FAULTS."""
+
+import shutil
+
+import pytest
+
+from gptdist.train.compare import compare, load_losses
+from gptdist.train.metrics import read_metrics
+from tests.helpers import assert_ok, launch, write_recipe
+
+pytestmark = pytest.mark.slow
+STEPS = 20
+TRAIN = {"steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8, "log_every": 5}
+
+
+def _recipe(tmp, corpus, tokenizer_path, run, tp, pp, zero):
+    return write_recipe(tmp / f"{run.name}.yaml", corpus, tokenizer_path, run, train=TRAIN,
+                        parallel={"tp": tp, "pp": pp, "zero_stage": zero}, checkpoint={"every": 10})
+
+
+def _killed_after_step_10_then_resumed(recipe, ranks):
+    killed = launch(recipe, ranks=ranks, env={"GPTDIST_FAULTS": "kill-after-save@10"})
+    assert killed.returncode != 0, "the injected kill did not happen"
+    resumed = launch(recipe, ranks=ranks)
+    assert_ok(resumed)
+    return resumed
+
+
+@pytest.fixture(scope="module")
+def runs_3d(tmp_path_factory, corpus, tokenizer_path):
+    """(tp 2, pp 2, dp 2, ZeRO-1): one uninterrupted run and one killed after step 10's checkpoint and resumed."""
+    tmp = tmp_path_factory.mktemp("resume3d")
+    whole, cut = tmp / "whole", tmp / "cut"
+    assert_ok(launch(_recipe(tmp, corpus, tokenizer_path, whole, 2, 2, 1), ranks=8))
+    resumed = _killed_after_step_10_then_resumed(_recipe(tmp, corpus, tokenizer_path, cut, 2, 2, 1), ranks=8)
+    return whole, cut, resumed
+
+
+def _assert_bitwise_continuation(whole, cut, resumed):
+    assert "resumed from" in resumed.stderr and "step_00000010" in resumed.stderr
+    rows, ok = compare(load_losses(whole), load_losses(cut), rtol=0.0)
+    assert len(rows) == STEPS and ok, rows
+    # metrics.jsonl holds each step once, although the killed run had logged steps past its checkpoint.
+    assert [r["step"] for r in read_metrics(cut / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def test_exact_resume_3d_layout(runs_3d):
+    _assert_bitwise_continuation(*runs_3d)
+
+
+def test_exact_resume_zero2(tmp_path, corpus, tokenizer_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert_ok(launch(_recipe(tmp_path, corpus, tokenizer_path, whole, 1, 1, 2), ranks=2))
+    resumed = _killed_after_step_10_then_resumed(_recipe(tmp_path, corpus, tokenizer_path, cut, 1, 1, 2), ranks=2)
+    _assert_bitwise_continuation(whole, cut, resumed)
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 2, 3), (1, 2, 1, 1), (2, 1, 1, 0)])
+def test_resume_in_another_layout(tp, pp, dp, zero, runs_3d, tmp_path, corpus, tokenizer_path):
+    whole, cut, _ = runs_3d
+    checkpoint = cut / "checkpoints" / "step_00000010"
+    run = tmp_path / "moved"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train=TRAIN,
+                          parallel={"tp": tp, "pp": pp, "zero_stage": zero})
+    proc = launch(recipe, [f"resume={checkpoint}"], ranks=tp * pp * dp)
+    assert_ok(proc)
+    assert "layout changed" in proc.stderr
+    reference, moved = load_losses(whole), load_losses(run)
+    assert sorted(moved) == list(range(11, STEPS + 1))
+    assert moved[11] == pytest.approx(reference[11], rel=1e-4)
+    for step in range(12, STEPS + 1):
+        assert moved[step] == pytest.approx(reference[step], rel=1e-3), step
+
+
+def test_torn_save_is_skipped(tmp_path, corpus, tokenizer_path):
+    run = tmp_path / "torn"
+    recipe = _recipe(tmp_path, corpus, tokenizer_path, run, 1, 1, 1)
+    # Rank 1 dies after writing its shards of step 20 and before the manifest: a torn checkpoint.
+    torn = launch(recipe, ranks=2, env={"GPTDIST_FAULTS": "kill-during-save@20:rank=1"})
+    assert torn.returncode != 0
+    assert (run / "checkpoints" / "step_00000020").is_dir()
+    assert not (run / "checkpoints" / "step_00000020" / "manifest.json").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    resumed = launch(recipe, ranks=2)
+    assert_ok(resumed)
+    assert "step_00000020 is incomplete" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step_00000010" in resumed.stderr
+    assert (run / "checkpoints" / "step_00000020" / "manifest.json").exists()
