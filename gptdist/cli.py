@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_compare_command(sub)
 
+    from gptdist.tools.cli import register_tool_commands
+
+    register_tool_commands(sub)
+
     from gptdist.data.cli import register_data_commands
 
     register_data_commands(sub)

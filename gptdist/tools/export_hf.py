@@ -1,0 +1,71 @@
+"""`gptdist export CHECKPOINT_OR_RUN --hf OUT_DIR`: a directory `transformers.GPT2LMHeadModel.from_pretrained`
+loads, with the tokenizer files `GPT2TokenizerFast.from_pretrained` loads, from the layout-free weights.
+
+The files are written directly (config.json + model.safetensors, fp32) rather than through a GPT2LMHeadModel:
+building one would first random-initialize a second full copy of the model only to overwrite it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict
+
+from gptdist.errors import UserError
+from gptdist.tools.resolve import Checkpoint
+
+WEIGHTS = "model.safetensors"
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse to mix a new model with whatever OUT_DIR already holds; --force empties it first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--hf {out} is a file; name a directory to write the model into")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--hf {out} is not empty; choose a new directory or pass --force to replace its contents")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def hf_state_dict(ckpt: Checkpoint) -> Dict:
+    """GPT2LMHeadModel's tensors for the checkpoint; a tied head is left out, as save_pretrained does."""
+    from gptdist.model.hf import to_hf_gpt2_state_dict
+
+    model = ckpt.model(device="cpu")
+    try:
+        sd = to_hf_gpt2_state_dict(model)
+    except ValueError as exc:
+        raise UserError(f"{ckpt.folder}: cannot export to GPT-2: {exc} (model.* in its config); "
+                        "only learned positions, unscaled embeddings and biases map onto GPT2LMHeadModel") from None
+    if ckpt.cfg.model.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return sd
+
+
+def export_hf(ckpt: Checkpoint, out: Path, *, force: bool = False, tokenizer_spec: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from gptdist.model.hf import hf_config_from
+
+    try:
+        hf_cfg = hf_config_from(ckpt.cfg.model)
+    except ValueError as exc:
+        raise UserError(f"{ckpt.folder}: cannot export to GPT-2: {exc} (model.* in its config); "
+                        "only learned positions, unscaled embeddings and biases map onto GPT2LMHeadModel") from None
+    tok = ckpt.tokenizer(tokenizer_spec)  # before anything is written: a wrong tokenizer stops the export
+    sd = hf_state_dict(ckpt)
+    prepare_out_dir(out, force)
+    hf_cfg.architectures = ["GPT2LMHeadModel"]
+    hf_cfg.bos_token_id = hf_cfg.eos_token_id = tok.eos_id  # GPT-2's convention: one <|endoftext|> for both
+    hf_cfg.save_pretrained(str(out))
+    save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
+    tok.save_hf_files(out)
+    (out / "gptdist_export.json").write_text(json.dumps({
+        "checkpoint": str(ckpt.folder.resolve()), "step": ckpt.step,
+        "config_digest": ckpt.state.get("config_digest"), "tokenizer": tok.identity,
+    }, indent=1) + "\n")
+    return out
+
