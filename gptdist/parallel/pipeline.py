@@ -24,22 +24,33 @@ TIED_KEY = "wte"
 
 
 class TokenEmbeddingLayer(nn.Module):
-    """Holds the (possibly vocab-parallel) token embedding shared by the first and last stages."""
+    """First stage: token ids -> token embeddings (scaled when the model asks for it)."""
 
-    def __init__(self, wte: nn.Module):
+    def __init__(self, wte: nn.Module, scale: float):
         super().__init__()
-        self.wte = wte
+        self.wte, self.scale = wte, scale
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        tok = self.wte(idx)
+        return tok * self.scale if self.scale != 1.0 else tok
 
 
-def _embed_tokens(scale: float, layer: TokenEmbeddingLayer, idx: torch.Tensor) -> torch.Tensor:
-    tok = layer.wte(idx)
-    return tok * scale if scale != 1.0 else tok
+class TiedHeadLayer(nn.Module):
+    """Last stage: hidden states scored against the same token embedding (tied under one key with the first
+    stage's TokenEmbeddingLayer). Under tensor parallelism the head emits this rank's vocabulary slice of the
+    logits and the loss function (the head's own) reads them without gathering.
 
+    A module rather than a forward_fn on the tied spec: DeepSpeed saves and loads a pipeline layer's weights only
+    when the layer is a module, and the last stage's copy of the embedding must be checkpointed like any other."""
 
-def _head_logits(head: nn.Module, layer: TokenEmbeddingLayer, hidden: torch.Tensor) -> torch.Tensor:
-    # The head module (LMHead, or its vocab-parallel replacement) scores against the shared embedding weight;
-    # the loss function then reads these (possibly vocab-sharded) logits.
-    return head.local_logits(hidden, layer.wte.weight) if hasattr(head, "local_logits") else head(hidden, layer.wte.weight)
+    def __init__(self, wte: nn.Module, head: nn.Module):
+        super().__init__()
+        self.wte, self.head = wte, head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.head, "local_logits"):
+            return self.head.local_logits(hidden, self.wte.weight)
+        return self.head(hidden, self.wte.weight)
 
 
 class PositionLayer(nn.Module):
@@ -88,13 +99,11 @@ def build_pipeline(model: nn.Module, topology, loss_fn, activation_checkpointing
     # Keep positions and dropout on the first stage; the token table travels through the tied spec.
     del model.embed.wte
     layers = [
-        TiedLayerSpec(TIED_KEY, TokenEmbeddingLayer, wte, forward_fn=functools.partial(_embed_tokens, scale),
-                      tied_weight_attr=["wte.weight"]),
+        TiedLayerSpec(TIED_KEY, TokenEmbeddingLayer, wte, scale, tied_weight_attr=["wte.weight"]),
         LayerSpec(PositionLayer, model.embed),
         *[LayerSpec(BlockLayer, block) for block in model.blocks],
         LayerSpec(FinalNormLayer, model.ln_f),
-        TiedLayerSpec(TIED_KEY, TokenEmbeddingLayer, wte, forward_fn=functools.partial(_head_logits, model.head),
-                      tied_weight_attr=["wte.weight"]),
+        TiedLayerSpec(TIED_KEY, TiedHeadLayer, wte, model.head, tied_weight_attr=["wte.weight"]),
     ]
     # PipelineModule prints its partition to stdout; gptdist's own log says what matters.
     with contextlib.redirect_stdout(io.StringIO()):
