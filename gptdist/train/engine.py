@@ -44,7 +44,8 @@ def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, 
     return model
 
 
-def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str, weights=None):
+def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str, weights=None,
+                          faults=None):
     """The DeepSpeed engine over this rank's part of the model, the step function that drives it (PlainStep for
     pp = 1, PipelineStep for pp > 1), and each parameter's canonical name by id (pipeline stages rename them)."""
     import deepspeed
@@ -74,7 +75,7 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
         dist_init_required=False,
     )
     _clip_with_layout_aware_norm(engine, topology, pipeline=layout.pp > 1)
-    step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum)
+    step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum, faults)
     return engine, step_fn, names
 
 
@@ -94,11 +95,20 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
     def clip_and_record() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
         norm = tp_grad_norm(params, topology.tp_group, group)
+        engine._global_grad_norm = norm
+        # A non-finite gradient (NaN/inf loss) must not reach the weights: drop every gradient, so the optimizer
+        # leaves all parameters untouched, and report an overflow, so DeepSpeed counts the step as skipped and
+        # holds the learning-rate schedule, as its ZeRO optimizers do for the same case.
+        skip = not bool(torch.isfinite(norm))
+        engine.optimizer.overflow = skip
+        if skip:
+            for p in engine.module.parameters():
+                p.grad = None
+            return
         coef = max_norm / (norm + 1e-6)
         if coef < 1:
             for p in engine.module.parameters():
                 if p.grad is not None:
                     p.grad.detach().mul_(coef)
-        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_record

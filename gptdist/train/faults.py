@@ -4,6 +4,7 @@
     GPTDIST_FAULTS="kill-during-save@20:rank=1"    SIGKILL rank 1 after its shards of step 20 are written,
                                                    before the manifest (a torn save)
     GPTDIST_FAULTS="kill@7:rank=3"                 SIGKILL rank 3 right after step 7
+    GPTDIST_FAULTS="nan-loss@5"                    the loss of optimizer step 5 becomes NaN (pp = 1)
 
 Unset, it costs nothing. It exists so that the recovery paths are tested against real kills, not mocks.
 """
@@ -32,9 +33,9 @@ class Faults:
         self.rank = rank
         self.faults = _parse(spec if spec is not None else os.environ.get("GPTDIST_FAULTS", ""))
 
-    def _due(self, kind: str, step: int) -> bool:
+    def due(self, kind: str, step: int) -> bool:
         return any(k == kind and s == step and r in (-1, self.rank) for k, s, r in self.faults)
 
     def at(self, kind: str, step: int) -> None:
-        if self.faults and self._due(kind, step):
+        if self.faults and self.due(kind, step):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -60,7 +60,8 @@ def train(cfg: RunConfig) -> int:
     start_step = int(state.get("step", 0))
     exact = resume_from is not None and same_layout(state, layout)
     weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
-    engine, step_fn, names = build_training_engine(cfg, layout, topology, device_type, precision, weights)
+    faults = Faults(place.rank)
+    engine, step_fn, names = build_training_engine(cfg, layout, topology, device_type, precision, weights, faults)
     if resume_from is not None:
         if exact:
             restore_same_layout(engine, resume_from, place.rank)
@@ -108,7 +109,6 @@ def train(cfg: RunConfig) -> int:
         world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
         dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
     )
-    faults = Faults(place.rank)
     saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size, faults)
     stop = StopRequest()
 
@@ -124,13 +124,15 @@ def train(cfg: RunConfig) -> int:
     stopped_by = ""
     for step in range(start_step, steps):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the step
-        loss = step_fn(batches)
         done = step + 1
+        loss = step_fn(batches, done)
         reporter.add(done, loss, lr, engine.get_global_grad_norm())
         faults.at("kill", done)
         last = done == steps
-        if done % cfg.train.log_every == 0 or last:
+        if done % cfg.train.log_every == 0 or last or cfg.train.max_bad_steps < cfg.train.log_every:
             reporter.flush()
+        if reporter.consecutive_bad >= cfg.train.max_bad_steps:
+            return _stop_on_bad_steps(cfg, reporter, run_dir, metrics, tracker, loader, log, done)
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
             save(done)
@@ -173,3 +175,19 @@ def _quiet_warnings(is_main: bool) -> None:
     # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
     # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
+
+
+def _stop_on_bad_steps(cfg, reporter, run_dir, metrics, tracker, loader, log, step) -> int:
+    """Too many consecutive NaN/inf losses: the optimizer skipped them, but the run is not recovering. Stop
+    without saving, so the newest checkpoint is the last good one."""
+    reporter.close()
+    if loader is not None:
+        loader.close()
+    if metrics is not None:
+        metrics.close()
+        tracker.finish("FAILED")
+    log.error(f"stopping at step {step}: {reporter.consecutive_bad} consecutive steps had a non-finite loss "
+              f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint in {run_dir / 'checkpoints'} "
+              "is the last good one. Lower train.lr, raise train.warmup_steps or check the data, then resume")
+    torch.distributed.barrier()
+    return 3

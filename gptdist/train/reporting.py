@@ -7,6 +7,7 @@ never waits on the host.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -26,6 +27,10 @@ class RankZeroLog:
         if self.is_main:
             print(f"gptdist | warning: {message}", file=sys.stderr, flush=True)
 
+    def error(self, message: str) -> None:
+        if self.is_main:
+            print(f"gptdist | error: {message}", file=sys.stderr, flush=True)
+
 
 def progress_bar(is_main: bool, start: int, total: int):
     from tqdm.auto import tqdm
@@ -44,6 +49,8 @@ class StepReporter:
         self.metrics, self.tracker, self.progress = metrics, tracker, progress
         self.pending: List[Dict[str, Any]] = []
         self.window_start = time.perf_counter()
+        self.bad_steps = 0  # steps whose loss was NaN/inf: skipped by the optimizer
+        self.consecutive_bad = 0
 
     def add(self, step: int, loss: torch.Tensor, lr: float, grad_norm: Optional[Any]) -> None:
         self.pending.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
@@ -64,9 +71,15 @@ class StepReporter:
         records = []
         for item, loss in zip(self.pending, values):
             norm = item["grad_norm"]
+            finite = math.isfinite(loss)
+            self.bad_steps += not finite
+            self.consecutive_bad = 0 if finite else self.consecutive_bad + 1
+            norm = float(norm) if norm is not None else None
             records.append({
-                "step": item["step"], "loss": loss, "lr": item["lr"],
-                "grad_norm": float(norm) if norm is not None else None,
+                # JSON has no NaN: a non-finite value is written as null, and `skipped` says what happened.
+                "step": item["step"], "loss": loss if finite else None, "lr": item["lr"],
+                "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
+                "skipped": not finite, "bad_steps": self.bad_steps,
                 "tokens": item["step"] * self.tokens_per_step, "samples": item["step"] * self.samples_per_step,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_time, "mfu": mfu,
             })
@@ -75,7 +88,8 @@ class StepReporter:
             self.metrics.write(records)
             self.tracker.log_metrics(records)
             last = records[-1]
-            self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
+            shown = f"{last['loss']:.4f}" if last["loss"] is not None else "nan (skipped)"
+            self.progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
                                       refresh=False)
 
     def close(self) -> None:

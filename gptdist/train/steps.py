@@ -31,14 +31,16 @@ class PlainStep:
 
     needs_dp_mean = True
 
-    def __init__(self, engine, grad_accum: int):
-        self.engine, self.grad_accum = engine, grad_accum
+    def __init__(self, engine, grad_accum: int, faults=None):
+        self.engine, self.grad_accum, self.faults = engine, grad_accum, faults
 
-    def __call__(self, batches: Iterator) -> torch.Tensor:
+    def __call__(self, batches: Iterator, step: int) -> torch.Tensor:
         total = torch.zeros((), device=self.engine.device)
         for _ in range(self.grad_accum):
             inputs, targets = next(batches)
             loss = self.engine(inputs, targets)
+            if self.faults is not None and self.faults.due("nan-loss", step):
+                loss = loss * float("nan")  # a drill: what an overflow or a poisoned batch does to the step
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
@@ -54,5 +56,5 @@ class PipelineStep:
     def __init__(self, engine):
         self.engine = engine
 
-    def __call__(self, batches: Iterator | None) -> torch.Tensor:
+    def __call__(self, batches: Iterator | None, step: int) -> torch.Tensor:
         return self.engine.train_batch(data_iter=batches).detach().float()

@@ -105,7 +105,9 @@ class MlflowTracker(NullTracker):
         for record in records:
             step = int(record["step"])
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key == "step" or value is None:
+                    continue
+                if isinstance(value, (int, float)):  # bools too: `skipped` becomes 0/1
                     metrics.append(Metric(key, float(value), now, step))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
