@@ -38,6 +38,13 @@ def train(cfg: RunConfig) -> int:
 
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
     candidates = plan_resume(cfg, tokenizer.identity, log.warn)
+    if place.is_main:
+        from gptdist.train.tracking import preflight
+
+        unreachable = preflight(cfg.tracking, Path(cfg.run.dir))
+        if unreachable:
+            log.warn(unreachable)
+            cfg.tracking.enabled = False
     device_type = runtime.prepare_process(place)
     precision = resolve_precision(cfg, device_type)
     _quiet_warnings(place.is_main)

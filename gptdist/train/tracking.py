@@ -134,3 +134,30 @@ def start_tracker(
             raise UserError(f"{message}; start the server, fix tracking.uri, or set tracking.on_unreachable=warn") from None
         warnings.warn(f"{message}; training on with metrics in metrics.jsonl only", stacklevel=2)
         return NullTracker()
+
+
+def preflight(cfg: TrackingConfig, run_dir: Path) -> Optional[str]:
+    """Before any process group exists: can the tracking server be reached at all?
+
+    Returns a warning when it cannot and tracking.on_unreachable=warn (the caller then trains without MLflow);
+    raises UserError when it is 'fail'. Only http(s) URIs are probed, with a plain TCP connect, because MLflow's
+    own client retries for minutes before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not cfg.enabled:
+        return None
+    uri = tracking_uri(cfg, run_dir)
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=5):
+            return None
+    except OSError as exc:
+        message = f"MLflow tracking server {uri} cannot be reached ({exc.strerror or exc})"
+        if cfg.on_unreachable == "fail":
+            raise UserError(f"{message}; start it (launch/mlflow-server.sh), fix tracking.uri, "
+                            "or set tracking.on_unreachable=warn") from None
+        return f"{message}; training on with metrics in metrics.jsonl only (tracking.on_unreachable=warn)"
