@@ -82,3 +82,29 @@ def test_sigterm_saves_and_resume_continues_bitwise(tmp_path, corpus, tokenizer_
     assert_ok(launch(recipe, ranks=2))
     rows, ok = compare(load_losses(whole), load_losses(cut), rtol=0.0)
     assert len(rows) == 300 and ok, [r for r in rows if r[3] > 0][:5]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 5 MB filesystem (tmpfs), so a checkpoint save meets a full disk for real."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_keeps_previous_checkpoint(small_disk, tmp_path, corpus, tokenizer_path):
+    run = small_disk / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 12},
+                          checkpoint={"every": 4})
+    proc = train_single(recipe)
+    assert_ok(proc)
+    assert "checkpoint of step 8 not saved" in proc.stderr and "MB free" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    folder = run / "checkpoints" / "step_00000004"
+    manifest = mf.read_manifest(folder)
+    assert mf.checksum_problems(folder, manifest, list(manifest["files"])) == []
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))

@@ -84,13 +84,19 @@ class SaveContext:
     faults: Any = None  # gptdist.train.faults.Faults, for reliability drills
 
 
-def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Optional[str]:
+    """Collective: every rank calls it. Returns None when saved, else why it was not (nothing was written then,
+    and the previous checkpoints stay as they were)."""
     import torch.distributed as dist
 
     root = checkpoint_root(ctx.run_dir)
     tag = tag_for(step)
     folder = root / tag
+    problem = _storage_problem(root, ctx.rank)
+    flag = torch.tensor([1.0 if problem else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        return problem or "another rank cannot write its part of the checkpoint"
     if ctx.rank == 0 and folder.exists():
         # Only an interrupted save can have left this folder: resume starts after the newest complete checkpoint.
         shutil.rmtree(folder)
@@ -111,7 +117,27 @@ def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: in
         mf.write_atomically(root / mf.LATEST, tag + "\n")
         prune(root, keep)
     dist.barrier()
-    return folder
+    return None
+
+
+def _storage_problem(root: Path, rank: int) -> Optional[str]:
+    """Can this rank write a checkpoint as large as the newest complete one? Asked before writing anything, so
+    a full disk or a read-only run directory costs this checkpoint, never the previous ones."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{rank}"
+        probe.write_bytes(b"gptdist")
+        probe.unlink()
+    except OSError as exc:
+        return f"{root} is not writable ({exc.strerror or exc})"
+    newest = next((f for _, f in list_checkpoints(root) if mf.read_manifest(f) is not None), None)
+    if newest is None:
+        return None
+    needed = sum(info["size"] for info in mf.read_manifest(newest)["files"].values())
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.05:
+        return f"{free / 1e6:.1f} MB free in {root}, about {needed / 1e6:.1f} MB needed"
+    return None
 
 
 def _write_manifest_together(ctx: SaveContext, folder: Path, step: int) -> None:

@@ -121,11 +121,14 @@ def train(cfg: RunConfig) -> int:
 
     def save(step: int) -> None:
         reporter.flush()
-        save_checkpoint(saver, step, {
+        problem = save_checkpoint(saver, step, {
             "format": 1, "step": step, "data_state": position.state, "config": cfg.to_dict(),
             "config_digest": cfg.digest(), "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id,
             "layout": {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")},
         }, keep=cfg.checkpoint.keep)
+        if problem:
+            log.error(f"checkpoint of step {step} not saved: {problem}; the previous checkpoints are kept and "
+                      "training goes on (free space or fix run.dir before the next save)")
 
     engine.train()
     stopped_by = ""
