@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Train on the nodes of a hostfile from one shell: the deepspeed launcher reaches every node over ssh (pdsh).
+#   launch/hostfile.sh HOSTFILE CONFIG [key=value ...]
+#   launch/hostfile.sh --check HOSTFILE          validate the hostfile only; print its nodes and ranks
+# HOSTFILE has one line per node, `host slots=N` (N ranks there, usually its GPUs), in node-rank order:
+#   # comments and blank lines are allowed
+#   gpu-node-01 slots=8
+#   gpu-node-02 slots=8    # a comment after the line too
+# Needs passwordless ssh to every node, pdsh here, and this directory and Python environment at the same path on
+# every node. MASTER_ADDR (default: the first host's address, asked over ssh), MASTER_PORT (default: a free port
+# here), LAUNCHER (default pdsh; openmpi, mvapich, ... as the deepspeed launcher knows them).
+# Environment variables reach the remote ranks only if listed in ~/.deepspeed_env or ./.deepspeed_env (KEY=VALUE
+# lines; NCCL_*, PYTHON*, MLFLOW* are passed on by the launcher itself).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  echo "usage: launch/hostfile.sh HOSTFILE CONFIG [key=value ...] | launch/hostfile.sh --check HOSTFILE" >&2
+  exit 2
+}
+
+# Reads HOSTFILE; sets `hosts` and `total_slots`, or exits 2 naming the first bad line and what is wrong with it.
+# The launcher's own parser accepts some mistakes silently (`slots=4x` as 4, `slots 4` as a bad entry with no line
+# number, a host listed twice only after ssh has been tried): catch them all here, before anything starts.
+validate_hostfile() {
+  local file="$1" n=0 line body host slots rest
+  declare -gA seen=()
+  hosts=()
+  total_slots=0
+  [[ -f "$file" ]] || { echo "hostfile.sh: hostfile $file not found" >&2; exit 2; }
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    n=$((n + 1))
+    body="${line%%#*}"                         # a comment runs to the end of the line
+    read -r host slots rest <<< "$body" || true
+    [[ -z "$host" ]] && continue
+    local bad=""
+    if [[ -z "$slots" ]]; then
+      bad="no slots: expected 'host slots=N'"
+    elif [[ -n "$rest" ]]; then
+      bad="unexpected text after '$slots': expected 'host slots=N'"
+    elif [[ "$slots" != slots=* ]]; then
+      bad="'$slots' is not slots=N"
+    elif [[ ! "${slots#slots=}" =~ ^[1-9][0-9]*$ ]]; then
+      bad="slots must be a positive whole number, got '${slots#slots=}'"
+    elif [[ "$host" == *=* ]]; then
+      bad="'$host' is not a host name"
+    elif [[ -n "${seen[$host]:-}" ]]; then
+      bad="host $host is already listed on line ${seen[$host]}"
+    fi
+    if [[ -n "$bad" ]]; then
+      echo "hostfile.sh: $file line $n: $bad: ${line}" >&2
+      exit 2
+    fi
+    seen[$host]=$n
+    hosts+=("$host")
+    total_slots=$((total_slots + ${slots#slots=}))
+  done < "$file"
+  if [[ "${#hosts[@]}" == 0 ]]; then
+    echo "hostfile.sh: $file lists no hosts: expected lines 'host slots=N'" >&2
+    exit 2
+  fi
+}
+
+[[ $# -ge 2 ]] || usage
+if [[ "$1" == --check ]]; then
+  validate_hostfile "$2"
+  echo "hostfile.sh: $2 is valid: ${#hosts[@]} node(s) (${hosts[*]}), $total_slots rank(s)"
+  exit 0
+fi
+hostfile="$1"
+shift
+validate_hostfile "$hostfile"
+source "$here/common.sh"
+
+launcher="${LAUNCHER:-pdsh}"
+if [[ "${#hosts[@]}" -gt 1 && "$launcher" == pdsh ]] && ! command -v pdsh >/dev/null; then
+  echo "hostfile.sh: pdsh not found: install it (apt-get install pdsh), or start launch/node.sh on every node" >&2
+  exit 2
+fi
+
+python -m gptdist.cli check "$@" --world "$total_slots"
+
+args=(--hostfile "$hostfile" --launcher "$launcher" --master_port "${MASTER_PORT:-$(gptdist_free_port)}")
+if [[ -n "${MASTER_ADDR:-}" ]]; then
+  args+=(--master_addr "$MASTER_ADDR")
+fi
+deepspeed "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
+launcher_pid=$!
+
+# The ranks run on other machines, out of reach of a local signal. The deepspeed launcher, sent SIGTERM, stops
+# the launcher of every node, which passes SIGTERM on to its ranks: they save a checkpoint and exit, provided
+# that takes less than the 30 s the node launchers wait before killing them (launch/node.sh has no such limit).
+stop() {
+  trap '' TERM INT USR1
+  echo "hostfile.sh: stop requested: asking every node's ranks to save and exit" >&2
+  kill -TERM "$launcher_pid" 2>/dev/null || true
+}
+trap stop TERM INT USR1
+while true; do
+  status=0
+  wait "$launcher_pid" || status=$?
+  kill -0 "$launcher_pid" 2>/dev/null || break
+done
+exit "$status"
