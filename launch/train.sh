@@ -21,5 +21,5 @@ port="${MASTER_PORT:-$(gptdist_free_port)}"
 # Refuse a bad config or layout once, here, instead of once per rank after the launcher has started them all.
 python -m gptdist.cli check "$@" --world "$ranks"
 
-deepspeed --num_gpus "$ranks" --master_port "$port" --no_local_rank --module gptdist.cli train "$@" &
+deepspeed --log_level warning --num_gpus "$ranks" --master_port "$port" --no_local_rank --module gptdist.cli train "$@" &
 gptdist_forward_stop_signals $!
