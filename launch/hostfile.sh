@@ -84,7 +84,7 @@ args=(--hostfile "$hostfile" --launcher "$launcher" --master_port "${MASTER_PORT
 if [[ -n "${MASTER_ADDR:-}" ]]; then
   args+=(--master_addr "$MASTER_ADDR")
 fi
-deepspeed "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
+deepspeed --log_level warning "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
 launcher_pid=$!
 
 # The ranks run on other machines, out of reach of a local signal. The deepspeed launcher, sent SIGTERM, stops

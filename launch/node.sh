@@ -79,7 +79,7 @@ echo "node.sh: node $node_rank of $num_nodes (${hosts[*]}), $ranks ranks, rendez
 # killing the launcher, and with it the ranks. This script forwards the request to the ranks itself.
 (
   trap '' TERM INT USR1
-  exec deepspeed --no_ssh --node_rank "$node_rank" --num_nodes "$num_nodes" --num_gpus "$ranks" \
+  exec deepspeed --log_level warning --no_ssh --node_rank "$node_rank" --num_nodes "$num_nodes" --num_gpus "$ranks" \
     --master_addr "$master_addr" --master_port "$master_port" --hostfile "$workdir/hostfile" \
     --no_local_rank --module gptdist.cli train "$@"
 ) &
