@@ -46,13 +46,13 @@ def _run(cmd: List[str], env: Dict[str, str], timeout: float) -> subprocess.Comp
     return proc
 
 
-def launch(recipe: Path, overrides: Sequence[str] = (), ranks: int = 2, timeout: float = 400,
+def launch(recipe: Path, overrides: Sequence[str] = (), ranks: int = 2, timeout: float = 900,
            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`launch/train.sh` with GPUS_PER_NODE ranks: the deepspeed launcher, for real."""
     return _run(["bash", "launch/train.sh", str(recipe), *overrides], cpu_env({"GPUS_PER_NODE": str(ranks), **(env or {})}), timeout)
 
 
-def train_single(recipe: Path, overrides: Sequence[str] = (), timeout: float = 300,
+def train_single(recipe: Path, overrides: Sequence[str] = (), timeout: float = 600,
                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """One rank, started alone (no launcher): the reference every layout is compared with."""
     return _run([sys.executable, "-m", "gptdist.cli", "train", str(recipe), *overrides], cpu_env(env), timeout)
