@@ -8,7 +8,8 @@
 #   gpu-node-02 slots=8    # a comment after the line too
 # Needs passwordless ssh to every node, pdsh here, and this directory and Python environment at the same path on
 # every node. MASTER_ADDR (default: the first host's address, asked over ssh), MASTER_PORT (default: a free port
-# here), LAUNCHER (default pdsh; openmpi, mvapich, ... as the deepspeed launcher knows them).
+# here), SSH_PORT (default: ssh's own), LAUNCHER (default pdsh; openmpi, mvapich, ... as deepspeed knows them).
+# SIGTERM, SIGINT or SIGUSR1 ask the ranks on every node to save a checkpoint and exit (see --stop-ranks below).
 # Environment variables reach the remote ranks only if listed in ~/.deepspeed_env or ./.deepspeed_env (KEY=VALUE
 # lines; NCCL_*, PYTHON*, MLFLOW* are passed on by the launcher itself).
 set -euo pipefail
@@ -61,7 +62,22 @@ validate_hostfile() {
   fi
 }
 
+# Run on every host (over pdsh) when a stop is requested: SIGTERM to the ranks of the run whose rendezvous port
+# is PORT, and to nothing else, however many other runs this user has there.
+stop_ranks() {
+  local port="$1" proc
+  for proc in /proc/[0-9]*; do
+    tr '\0' ' ' 2>/dev/null < "$proc/cmdline" | grep -q -- '-m gptdist.cli train ' || continue
+    tr '\0' '\n' 2>/dev/null < "$proc/environ" | grep -qx "MASTER_PORT=$port" || continue
+    kill -TERM "${proc#/proc/}" 2>/dev/null || true
+  done
+}
+
 [[ $# -ge 2 ]] || usage
+if [[ "$1" == --stop-ranks ]]; then
+  stop_ranks "$2"
+  exit 0
+fi
 if [[ "$1" == --check ]]; then
   validate_hostfile "$2"
   echo "hostfile.sh: $2 is valid: ${#hosts[@]} node(s) (${hosts[*]}), $total_slots rank(s)"
@@ -80,20 +96,36 @@ fi
 
 python -m gptdist.cli check "$@" --world "$total_slots"
 
-args=(--hostfile "$hostfile" --launcher "$launcher" --master_port "${MASTER_PORT:-$(gptdist_free_port)}")
+port="${MASTER_PORT:-$(gptdist_free_port)}"
+args=(--hostfile "$hostfile" --launcher "$launcher" --master_port "$port")
 if [[ -n "${MASTER_ADDR:-}" ]]; then
   args+=(--master_addr "$MASTER_ADDR")
 fi
-deepspeed --log_level warning "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
+if [[ -n "${SSH_PORT:-}" ]]; then
+  args+=(--ssh_port "$SSH_PORT")
+fi
+# Its own session: Ctrl-C in this terminal must reach this script only. Sent straight to the deepspeed launcher
+# and pdsh, it would cut the ssh connections, and the remote ranks would die of SIGHUP in the middle of a save.
+setsid deepspeed --log_level warning "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
 launcher_pid=$!
+if [[ "${#hosts[@]}" == 1 ]]; then
+  # One host: the launcher starts the ranks here, without ssh; stop them as launch/train.sh does.
+  gptdist_forward_stop_signals "$launcher_pid"
+fi
 
-# The ranks run on other machines, out of reach of a local signal. The deepspeed launcher, sent SIGTERM, stops
-# the launcher of every node, which passes SIGTERM on to its ranks: they save a checkpoint and exit, provided
-# that takes less than the 30 s the node launchers wait before killing them (launch/node.sh has no such limit).
+# The ranks run on other machines, out of a local signal's reach: ask every host over pdsh to signal its ranks of
+# this run (this script's --stop-ranks mode, from the same checkout path there). They finish the step, save a
+# checkpoint together and exit 0, the launchers with them, and this script waits for all of it.
 stop() {
   trap '' TERM INT USR1
-  echo "hostfile.sh: stop requested: asking every node's ranks to save and exit" >&2
-  kill -TERM "$launcher_pid" 2>/dev/null || true
+  echo "hostfile.sh: stop requested: asking every node's ranks to save a checkpoint and exit" >&2
+  if [[ "$launcher" == pdsh ]]; then
+    PDSH_RCMD_TYPE=ssh PDSH_SSH_ARGS_APPEND="${SSH_PORT:+-p $SSH_PORT}" \
+      pdsh -S -w "$(IFS=,; echo "${hosts[*]}")" "$here/hostfile.sh --stop-ranks $port" || true
+  else
+    # Other launchers: the deepspeed launcher stops each node's launcher, which gives its ranks 30 s to save.
+    kill -TERM "$launcher_pid" 2>/dev/null || true
+  fi
 }
 trap stop TERM INT USR1
 while true; do
