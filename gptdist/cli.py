@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gptdist.data.cli import register_bench_data
 
     register_bench_data(bench_sub)
+    from gptdist.bench.cli import register_bench_commands
+
+    register_bench_commands(bench_sub)
     return parser
 
 

@@ -131,3 +131,14 @@ def test_gpt_gradients_match_the_unchunked_head(tie):
     assert abs(losses[0] - losses[1]) <= 2e-6 * abs(losses[1])
     for (name, a), (_, b) in zip(chunked.named_parameters(), plain.named_parameters()):
         assert rel(a.grad, b.grad) < 1e-5, name
+
+
+def test_under_bf16_autocast_matches_the_autocast_reference():
+    # The GPU fast path runs the head under autocast: the matmuls in bf16, the softmax and the sums in float32.
+    h, w, t = inputs((2, 64), 32, 512, seed=4, ignore_every=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = loss_and_grads(reference, h, w, t)
+        ours = loss_and_grads(lambda a, b, c: chunked_cross_entropy(a, b, c, 40), h, w, t)
+    assert ours[1].dtype == ours[2].dtype == torch.float32
+    assert rel(ours[0], ref[0]) < 1e-3
+    assert rel(ours[1], ref[1]) < 2e-2 and rel(ours[2], ref[2]) < 2e-2

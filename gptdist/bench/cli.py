@@ -1,0 +1,55 @@
+"""`gptdist bench train` and `gptdist bench parallel`: gptdist/cli.py calls register_bench_commands(bench_subparsers).
+Each command's func(args) returns the exit status; the heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register_bench_commands(bench_subparsers: Any) -> None:
+    t = bench_subparsers.add_parser(
+        "train",
+        help="1-rank gptdist vs a plain PyTorch loop, transformers' GPT-2 and the matmul ceiling",
+        description="One table measured in one run: tokens/s, step time, MFU, peak memory and the ratio to the plain "
+        "PyTorch loop, for the config's model and micro-batch on random tokens.",
+    )
+    t.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default configs/tiny-cpu.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.vocab_size=50304 model.n_layer=6")
+    t.add_argument("--steps", type=int, default=5, help="timed steps per repeat (default 5)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    t.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows medians (default 3)")
+    t.add_argument("--skip", action="append", choices=["plain-chunked", "transformers", "gptdist"],
+                   help="leave a row out (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    t.set_defaults(func=_train)
+
+    p = bench_subparsers.add_parser(
+        "parallel",
+        help="tokens/s per parallel layout under the deepspeed launcher, ZeRO comms volume, pipeline bubble",
+        description="Short runs of a fixed tiny model under launch/train.sh (OMP_NUM_THREADS=1) for 1 rank, dp=2 with "
+        "ZeRO 1/2/3, tp=2, pp=2 and tp2 x pp2 x dp2; DeepSpeed's comms logger totals per step for ZeRO 1/2/3 against "
+        "the ZeRO paper's volumes; the pipeline's idle fraction.",
+    )
+    p.add_argument("config", nargs="?", default=None, help="a recipe for the data section (default: a built-in tiny run "
+                   "on the Shakespeare recipe's data)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every layout")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run; tokens/s is the median after the "
+                   "first log window (default 12)")
+    p.add_argument("--layouts", default=None, help="comma-separated subset of layout names (default: all)")
+    p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed after)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is stopped (default 600)")
+    p.add_argument("--no-comms", action="store_true", help="skip the comms-logger runs")
+    p.set_defaults(func=_parallel)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gptdist.bench.train import run_bench_train
+
+    return run_bench_train(args)
+
+
+def _parallel(args: argparse.Namespace) -> int:
+    from gptdist.bench.parallel import run_bench_parallel
+
+    return run_bench_parallel(args)

@@ -1,0 +1,185 @@
+"""`gptdist bench parallel [CONFIG]`: tokens/s of one tiny model in every parallel layout, under the real launcher.
+
+Each layout is a short `launch/train.sh` run (the deepspeed launcher, GPUS_PER_NODE ranks, OMP threads = cores /
+ranks so that no layout oversubscribes the cores more than another) of the same fixed model on the recipe's data,
+with the same global batch (so the same tokens per optimizer step) in every layout. tokens/s is the median of the
+per-step values in metrics.jsonl after the first steps (start-up, allocator and op warm-up).
+
+Then, at dp=2 with one micro-batch per step (so that one step is one gradient reduction, as in the ZeRO paper),
+ZeRO 1/2/3 runs with DeepSpeed's comms logger enabled through train.deepspeed_config, read by the bench's hook
+(hook/sitecustomize.py), compared with the paper's volumes (comms.py). ZeRO-1/2 also run with DeepSpeed's
+use_multi_rank_bucket_allreduce off, which turns the gradient all-reduce into per-owner reduces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from gptdist.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOK_DIR = Path(__file__).resolve().parent / "hook"
+
+# The fixed tiny model: small enough that 8 ranks start and train on 2 cores in about a minute.
+MODEL = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=128"]
+MICRO, GLOBAL = 4, 16  # 16 sequences per step in every layout: 4 micro-batches of 4 on one rank, 2 per rank at dp=2
+COMMS_LOGGER = {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False}}
+REDUCE = {"zero_optimization": {"use_multi_rank_bucket_allreduce": False}}
+
+
+@dataclass
+class Run:
+    name: str
+    ranks: int
+    overrides: List[str]
+    ds_json: Dict = field(default_factory=dict)
+    global_batch: int = GLOBAL
+    comms: bool = False  # the comms-logger variant: one micro-batch per rank per step
+
+    def all_overrides(self, steps: int, run_dir: Path, ds_file: Optional[Path]) -> List[str]:
+        extra = [f"train.micro_batch_size={MICRO}", f"train.global_batch_size={self.global_batch}",
+                 f"train.steps={steps}", "train.log_every=1", "train.warmup_steps=0", "checkpoint.every=0",
+                 "checkpoint.at_end=false", "tracking.enabled=false", "resume=never", f"run.dir={run_dir}"]
+        if ds_file is not None:
+            extra.append(f"train.deepspeed_config={ds_file}")
+        return MODEL + self.overrides + extra
+
+
+def layouts() -> List[Run]:
+    zero = lambda s: [f"parallel.zero_stage={s}"]  # noqa: E731
+    return [
+        Run("1 rank", 1, zero(0)),
+        Run("dp2 zero1", 2, zero(1)),
+        Run("dp2 zero1 reduce", 2, zero(1), REDUCE),
+        Run("dp2 zero2", 2, zero(2)),
+        Run("dp2 zero2 reduce", 2, zero(2), REDUCE),
+        Run("dp2 zero3", 2, zero(3)),
+        Run("tp2", 2, ["parallel.tp=2", *zero(0)]),
+        Run("pp2", 2, ["parallel.pp=2", *zero(0)]),
+        Run("tp2 pp2 dp2", 8, ["parallel.tp=2", "parallel.pp=2", *zero(1)]),
+    ]
+
+
+def comms_runs() -> List[Run]:
+    out = []
+    for stage, ds in ((1, {}), (1, REDUCE), (2, {}), (2, REDUCE), (3, {})):
+        name = f"dp2 zero{stage}" + (" reduce" if ds else "")
+        out.append(Run(name, 2, [f"parallel.zero_stage={stage}"], ds, global_batch=2 * MICRO, comms=True))
+    return out
+
+
+@dataclass
+class Outcome:
+    run: Run
+    tokens_per_s: Optional[float] = None
+    threads: int = 1
+    hook: Dict[int, Dict] = field(default_factory=dict)  # rank -> what the hook wrote
+    error: str = ""
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, out_dir: Path, timeout: float,
+            skip_steps: int = 2) -> Outcome:
+    """One launch/train.sh run; tokens/s is the median per-step value after `skip_steps` steps."""
+    run_dir = out_dir / run.name.replace(" ", "-")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    hook_out = run_dir / "hook"
+    hook_out.mkdir(parents=True)
+    ds_json = {**run.ds_json, **(COMMS_LOGGER if run.comms else {})}
+    ds_file = None
+    if ds_json:
+        ds_file = run_dir / "deepspeed.json"
+        ds_file.write_text(json.dumps(ds_json))
+    threads = max(1, cores() // run.ranks)
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(GPUS_PER_NODE=str(run.ranks), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               GPTDIST_BENCH_HOOK_OUT=str(hook_out), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(HOOK_DIR), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = ["bash", str(ROOT / "launch" / "train.sh"), config,
+           *run.all_overrides(steps, run_dir, ds_file), *user_overrides]
+    outcome = Outcome(run, threads=threads)
+    log = run_dir / "log.txt"
+    try:
+        with open(log, "w", encoding="utf-8") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        outcome.error = f"timed out after {timeout:.0f} s (log: {log})"
+        return outcome
+    for path in hook_out.glob("rank*.json"):
+        record = json.loads(path.read_text())
+        outcome.hook[int(record["rank"])] = record
+    metrics = run_dir / "metrics.jsonl"
+    # A run that finished its steps counts even if the launcher's exit was unclean (gloo teardown, see notes).
+    if not (run_dir / "run_complete.json").exists() or not metrics.exists():
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        outcome.error = f"exit {proc.returncode}: {' / '.join(tail)[-300:]} (log: {log})"
+        return outcome
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in records if r["step"] > skip_steps] or [r["tokens_per_s"] for r in records]
+    outcome.tokens_per_s = statistics.median(rates)
+    return outcome
+
+
+def run_bench_parallel(args: argparse.Namespace) -> int:
+    from gptdist.bench.comms import comms_table, pipeline_table, throughput_table
+    from gptdist.config import load_config
+    from gptdist.model import count_parameters
+
+    if not (ROOT / "launch" / "train.sh").exists():
+        raise UserError("bench parallel needs a source checkout of gptdist (it runs launch/train.sh)")
+    if args.steps < 3:
+        raise UserError("--steps must be at least 3 (the first steps are start-up)")
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `bench parallel key=value ...`: no recipe given, only overrides
+        args.config = None
+    config = str(Path(args.config).resolve()) if args.config else str(ROOT / "configs" / "tiny-cpu.yaml")
+    cfg = load_config(config, [*MODEL, *overrides])  # refuses bad overrides before any launch
+    wanted = set(n.strip() for n in args.layouts.split(",")) if args.layouts else None
+    runs = [r for r in layouts() if wanted is None or r.name in wanted]
+    comms = [r for r in comms_runs() if not args.no_comms and (wanted is None or r.name in wanted)]
+    if not runs and not comms:
+        raise UserError(f"--layouts {args.layouts!r} names none of: {', '.join(r.name for r in layouts())}")
+
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gptdist-bench-parallel-"))
+    results, comms_results = [], []
+    try:
+        for run in runs + comms:
+            print(f"bench | {'comms ' if run.comms else ''}{run.name}: {run.ranks} rank(s)", file=sys.stderr, flush=True)
+            outcome = execute(run, config, overrides, 4 if run.comms else args.steps, out_dir, args.timeout)
+            (comms_results if run.comms else results).append(outcome)
+    finally:
+        if not args.out:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+    m = cfg.model
+    params = count_parameters(m)
+    print(f"gptdist bench parallel: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}, seq {m.seq_len}, "
+          f"{params / 1e6:.2f} M params; {GLOBAL} sequences per step (micro-batch {MICRO}); {args.steps} steps, "
+          f"median tokens/s after step 2; {cores()} CPU cores, OMP threads per rank = cores / ranks")
+    print()
+    print(throughput_table(results))
+    if comms_results:
+        print()
+        print(comms_table(comms_results, params * 4, dp=2, steps=4, throughput=results))
+    pipes = [o for o in results if o.hook and any(r.get("pipe_steps") for r in o.hook.values())]
+    pp_runs = [o for o in results if "pp2" in o.run.name]
+    if pp_runs:
+        print()
+        print(pipeline_table(pp_runs, pipes, micro=MICRO, global_batch=GLOBAL))
+    failed = [o for o in results + comms_results if o.error]
+    return 1 if failed else 0

@@ -1,0 +1,71 @@
+"""`gptdist bench train CONFIG [overrides]`: is 1-rank gptdist as fast as a plain PyTorch loop of the same GPT?
+
+One table, measured in one run: the config's model and micro-batch on random tokens, one micro-batch per optimizer
+step, the same timed steps after the same warm-up for every row, medians over interleaved repeats (workers.py).
+Rows: gptdist's DeepSpeed engine (ZeRO-0, built by gptdist.train.engine as training builds it), the plain PyTorch
+loop with nanoGPT's full-logits loss (the baseline, 1.00x), the same loop with gptdist's chunked loss, transformers'
+GPT2LMHeadModel, and the matmul ceiling that MFU is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from gptdist.bench.runners import ROWS, TITLES
+from gptdist.bench.table import build_lines, format_table
+from gptdist.bench.workers import measure_rows
+from gptdist.config import RunConfig, load_config
+
+
+def bench_config(path: str, overrides: Sequence[str]) -> RunConfig:
+    """The recipe's model and micro-batch as one rank trains them: no tp/pp, ZeRO-0, one micro-batch per step."""
+    raw = load_config(path, overrides).to_dict()
+    raw["parallel"].update(tp=1, pp=1, zero_stage=0, activation_checkpointing=False)
+    raw["train"]["global_batch_size"] = raw["train"]["micro_batch_size"]
+    raw["tracking"]["enabled"] = False
+    return RunConfig.model_validate(raw)
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptdist.model import count_parameters, flops_per_token
+    from gptdist.train.ds_config import resolve_precision
+    from gptdist.train.metrics import datasheet_peak_flops
+
+    cfg = bench_config(args.config, args.overrides)
+    gpu = torch.cuda.is_available()
+    precision = resolve_precision(cfg, "cuda" if gpu else "cpu")
+    rows = [r for r in ROWS if r not in (args.skip or [])]
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
+    results = measure_rows(rows, cfg.to_dict(), steps=args.steps, warmup=args.warmup, repeats=args.repeats, log=log)
+
+    m, t = cfg.model, cfg.train
+    tokens = t.micro_batch_size * m.seq_len
+    fpt = flops_per_token(m)
+    peak = datasheet_peak_flops(torch.cuda.get_device_name(), precision) if gpu else None
+    print(f"gptdist bench train: {args.config} {' '.join(args.overrides)}".rstrip())
+    print(f"model: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, vocab {m.vocab_size}, seq {m.seq_len}, "
+          f"{count_parameters(m) / 1e6:.2f} M params; micro-batch {t.micro_batch_size} ({tokens} tokens/step), "
+          f"{precision}; FLOPs/token 6N+12LdT = {fpt / 1e6:.1f} M")
+    print(f"{machine()}; {args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} interleaved "
+          f"repeats; each row in its own process")
+    print()
+    lines = build_lines(results, TITLES, tokens_per_step=tokens, flops_per_token=fpt, datasheet_peak=peak)
+    print(format_table(lines, gpu))
+    failed = [r for r in results if r.error]
+    for res in failed:
+        print(f"\n{res.row} failed:\n{res.error}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,153 @@
+"""Smoke tests of `gptdist bench train` and `gptdist bench parallel`: the table code runs on a tiny model for a step
+or two. No timing assertions: the benchmarks themselves are what prove speed (docs/performance.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from gptdist.bench.comms import comms_table, idle_fraction, pipeline_table, throughput_table, volume_per_step
+from gptdist.bench.parallel import HOOK_DIR, Outcome, Run, comms_runs, layouts
+from gptdist.bench.table import build_lines, format_table
+from gptdist.bench.workers import RowResult
+from gptdist.cli import main
+
+TINY = ["model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.vocab_size=512", "model.seq_len=32",
+        "train.micro_batch_size=2"]
+
+
+def table_rows(out: str) -> dict:
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| ") and not line.startswith("| row"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+# ---------------------------------------------------------------- bench train
+
+
+def test_train_table_from_synthetic_rows():
+    results = [
+        RowResult("gptdist", [1.0, 1.2], 2, 300 * 2**20, {"params": 1_000_000}),
+        RowResult("plain", [1.1, 1.3], 2, 200 * 2**20, {"params": 1_000_000}),
+        RowResult("transformers", error="Traceback ...\nRuntimeError: boom"),
+        RowResult("ceiling", [0.5], 2, 10 * 2**20, {"flops_per_step": 1e9}),
+    ]
+    lines = build_lines(results, {"plain": "plain loop"}, tokens_per_step=1000, flops_per_token=1e6, datasheet_peak=None)
+    by = {ln.title: ln for ln in lines}
+    assert by["gptdist"].step_s == pytest.approx(0.55)
+    assert by["plain loop"].ratio == pytest.approx(1.0)
+    assert by["gptdist"].ratio == pytest.approx(1.2 / 1.1)
+    assert by["gptdist"].mfu == pytest.approx(1000 / 0.55 * 1e6 / 4e9)  # ceiling: 1e9 FLOPs x 2 steps in 0.5 s
+    assert "boom" in by["transformers"].note and by["transformers"].tokens_per_s is None
+    text = format_table(lines, gpu=True)
+    assert "MFU (datasheet)" in text and len(text.splitlines()) == 2 + len(results)
+
+
+def test_bench_train_command_without_deepspeed_row(capsys):
+    code = main(["bench", "train", "configs/tiny-cpu.yaml", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "2",
+                 "--skip", "gptdist", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = table_rows(out)
+    assert set(rows) == {"plain PyTorch loop (nanoGPT)", "plain loop + gptdist chunked loss",
+                         "transformers GPT2LMHeadModel", "matmul ceiling"}
+    assert rows["plain PyTorch loop (nanoGPT)"][5] == "1.00x"
+    assert re.match(r"[\d,]+ GFLOP/s", rows["matmul ceiling"][-1])
+
+
+@pytest.mark.slow
+def test_bench_train_command_with_the_deepspeed_row(capsys):
+    # Builds the DeepSpeed engine in a process of its own (a world of one, no launcher).
+    code = main(["bench", "train", "configs/tiny-cpu.yaml", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "1",
+                 "--skip", "transformers", "--skip", "plain-chunked", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert table_rows(out)["gptdist 1 rank (DeepSpeed ZeRO-0)"][1] != ""
+
+
+# ---------------------------------------------------------------- bench parallel: tables and hook
+
+
+def zero_outcome(name, stage, comms):
+    return Outcome(Run(name, 2, [f"parallel.zero_stage={stage}"], comms=True), hook={0: {"rank": 0, "comms": comms}})
+
+
+def test_comms_volume_in_paper_units():
+    psi = 1_000_000
+    # ZeRO-1 as DeepSpeed does it by default: the gradients all-reduced (2 Ψ), parameters all-gathered (Ψ/2 shards)
+    default = {"all_reduce": {"1000000": 2, "4": 4}, "all_gather_into_tensor": {"500000": 2}}
+    vol = volume_per_step(default, steps=2, dp=2)
+    assert vol["all_reduce"]["calls"] == 3 and vol["all_reduce"]["big_calls"] == 1
+    assert vol["all_gather_into_tensor"]["paper"] == psi
+    assert sum(v["paper"] for v in vol.values()) == pytest.approx(3 * psi + 16)  # + two 4-byte flags per step
+    reduce = {"reduce": {"500000": 4}, "all_gather_into_tensor": {"500000": 2}}  # the paper's 2 Ψ
+    text = comms_table([zero_outcome("dp2 zero1", 1, default), zero_outcome("dp2 zero1 reduce", 1, reduce),
+                        Outcome(Run("dp2 zero3", 2, ["parallel.zero_stage=3"], comms=True), error="exit 1")],
+                       psi, dp=2, steps=2)
+    rows = table_rows(text)
+    assert rows["dp2 zero1"][2] == "3.00 Ψ" and rows["dp2 zero1"][3] == "2 Ψ"
+    assert rows["dp2 zero1 reduce"][2] == "2.00 Ψ"
+    assert "failed" in rows["dp2 zero3"][1]
+
+
+def test_pipeline_idle_fraction_and_tables():
+    step = {"train_batch": 1.0, "OptimizerStep": 0.1, "ReduceGrads": 0.1, "ForwardPass": 0.2, "BackwardPass": 0.4}
+    assert idle_fraction([step] * 4) == pytest.approx(1 - 0.6 / 0.8)
+    assert idle_fraction([]) is None
+    pp = Outcome(Run("pp2", 2, ["parallel.pp=2"]), tokens_per_s=100.0,
+                 hook={0: {"stage": 0, "pipe_steps": [step] * 4}, 1: {"stage": 1, "pipe_steps": [step] * 4}})
+    one = Outcome(Run("1 rank", 1, []), tokens_per_s=50.0, threads=2)
+    rows = table_rows(pipeline_table([pp], [pp], micro=4, global_batch=16))
+    assert rows["pp2"][3] == "20%" and "stage 0: 25%" in rows["pp2"][4]
+    rows = table_rows(throughput_table([one, pp]))
+    assert rows["pp2"][4] == "2.00x"
+
+
+def test_layouts_cover_the_brief():
+    names = {r.name for r in layouts()}
+    assert {"1 rank", "dp2 zero1", "dp2 zero2", "dp2 zero3", "tp2", "pp2", "tp2 pp2 dp2"} <= names
+    assert all(r.global_batch == 8 and r.comms for r in comms_runs())  # one micro-batch of 4 per rank per step
+
+
+def test_hook_is_inert_without_its_variable(monkeypatch):
+    monkeypatch.delenv("GPTDIST_BENCH_HOOK_OUT", raising=False)
+    import gptdist.train.cli as train_cli
+
+    before = train_cli._run_train
+    spec = importlib.util.spec_from_file_location("bench_hook_probe", HOOK_DIR / "sitecustomize.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert train_cli._run_train is before
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_hook_unlinks_deepspeeds_shm_buffer(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_hook_probe2", HOOK_DIR / "sitecustomize.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", f"test{os.getpid()}")
+    monkeypatch.setenv("RANK", "3")
+    buffer = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_test{os.getpid()}_3")
+    buffer.write_bytes(b"x")
+    hook._unlink_shm_buffer()
+    assert not buffer.exists()
+    hook._unlink_shm_buffer()  # already gone: no error
+
+
+@pytest.mark.slow
+def test_bench_parallel_pipeline_and_zero1_comms(capsys, tmp_path):
+    # Three short launches of a 2-layer model: pp2, dp2 ZeRO-1, and ZeRO-1 with the comms logger.
+    code = main(["bench", "parallel", "model.n_layer=2", "model.d_model=64", "model.seq_len=32", "--steps", "3",
+                 "--layouts", "pp2,dp2 zero1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| pp2 | 2 | 1 |" in out and "| dp2 zero1 | 2 | 1 |" in out
+    assert re.search(r"\| dp2 zero1 \| all_reduce .*\| 3\.\d\d Ψ \| 2 Ψ \|", out), out
+    assert re.search(r"\| pp2 \| 2 \| 4 \| 20% \| stage 0: \d+%, stage 1: \d+% \|", out), out
