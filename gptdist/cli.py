@@ -3,8 +3,10 @@
     gptdist train CONFIG [key=value ...]        one rank of a training run (under deepspeed/srun, or alone)
     gptdist data preview CONFIG ...             what a data-parallel rank receives
     gptdist tokenizer train SOURCE ...          train a byte-level BPE tokenizer
+    gptdist check CONFIG --world N              validate a recipe, its layout and data
     gptdist compare-loss RUN_A RUN_B            do two runs' per-step losses agree?
-    gptdist bench data|train ...                benchmarks that print a table
+    gptdist export | import-hf | generate | eval   checkpoints <-> transformers, text, perplexity
+    gptdist bench data|train|parallel ...       benchmarks that print a table
 
 A UserError anywhere becomes one line on stderr and exit status 2.
 """
