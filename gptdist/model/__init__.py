@@ -1,4 +1,4 @@
-"""The plain-PyTorch GPT: no DeepSpeed or torch.distributed here; parallelism is applied from outside.
+"""The plain-PyTorch GPT: single-device code only; parallelism is applied to it from outside (gptdist.parallel).
 
 Exports are resolved lazily so that `gptdist.model.config` (imported by the run-config schema and
 the CLI) does not pull in torch.
