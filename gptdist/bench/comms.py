@@ -54,9 +54,9 @@ def comms_table(results: Sequence, psi_bytes: int, dp: int, steps: int, throughp
     rates = {o.run.name: o.tokens_per_s for o in throughput}
     lines = [
         f"ZeRO communication per rank per optimizer step at dp={dp}, one micro-batch per rank per step, from "
-        f"DeepSpeed's comms logger (rank 0); Ψ = parameter bytes = {_mb(psi_bytes)} MB (fp32).",
+        f"DeepSpeed's comms logger (rank 0); Ψ = parameter bytes = {_mb(psi_bytes)} MiB (fp32).",
         "",
-        "| layout | collectives per step (calls x mean logged MB, calls >= 1 KiB) | paper units | paper expects | wire MB/rank (ring) "
+        "| layout | collectives per step (calls x mean logged MiB, calls >= 1 KiB) | paper units | paper expects | wire MiB/rank (ring) "
         "| tokens/s (main run) |",
         "|---|---|---:|---:|---:|---:|",
     ]
