@@ -81,19 +81,20 @@ def zero_outcome(name, stage, comms):
 
 def test_comms_volume_in_paper_units():
     psi = 1_000_000
-    # ZeRO-1 as DeepSpeed does it by default: the gradients all-reduced (2 Ψ), parameters all-gathered (Ψ/2 shards)
+    # ZeRO-1 as DeepSpeed does it by default: the gradients all-reduced (2 Ψ), parameters all-gathered (Ψ/2 shards);
+    # gptdist's default reduces each slice to its owner: the paper's 2 Ψ
     default = {"all_reduce": {"1000000": 2, "4": 4}, "all_gather_into_tensor": {"500000": 2}}
     vol = volume_per_step(default, steps=2, dp=2)
     assert vol["all_reduce"]["calls"] == 3 and vol["all_reduce"]["big_calls"] == 1
     assert vol["all_gather_into_tensor"]["paper"] == psi
     assert sum(v["paper"] for v in vol.values()) == pytest.approx(3 * psi + 16)  # + two 4-byte flags per step
-    reduce = {"reduce": {"500000": 4}, "all_gather_into_tensor": {"500000": 2}}  # the paper's 2 Ψ
-    text = comms_table([zero_outcome("dp2 zero1", 1, default), zero_outcome("dp2 zero1 reduce", 1, reduce),
+    reduce = {"reduce": {"500000": 4}, "all_gather_into_tensor": {"500000": 2}}
+    text = comms_table([zero_outcome("dp2 zero1 allreduce", 1, default), zero_outcome("dp2 zero1", 1, reduce),
                         Outcome(Run("dp2 zero3", 2, ["parallel.zero_stage=3"], comms=True), error="exit 1")],
                        psi, dp=2, steps=2)
     rows = table_rows(text)
-    assert rows["dp2 zero1"][2] == "3.00 Ψ" and rows["dp2 zero1"][3] == "2 Ψ"
-    assert rows["dp2 zero1 reduce"][2] == "2.00 Ψ"
+    assert rows["dp2 zero1 allreduce"][2] == "3.00 Ψ" and rows["dp2 zero1 allreduce"][3] == "2 Ψ"
+    assert rows["dp2 zero1"][2] == "2.00 Ψ"
     assert "failed" in rows["dp2 zero3"][1]
 
 
@@ -149,5 +150,5 @@ def test_bench_parallel_pipeline_and_zero1_comms(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| pp2 | 2 | 1 |" in out and "| dp2 zero1 | 2 | 1 |" in out
-    assert re.search(r"\| dp2 zero1 \| all_reduce .*\| 3\.\d\d Ψ \| 2 Ψ \|", out), out
+    assert re.search(r"\| dp2 zero1 \| reduce .*\| 2\.\d\d Ψ \| 2 Ψ \|", out), out  # gptdist's default
     assert re.search(r"\| pp2 \| 2 \| 4 \| 20% \| stage 0: \d+%, stage 1: \d+% \|", out), out

@@ -31,7 +31,7 @@ def throughput_table(results: Sequence) -> str:
     for o in results:
         ratio = f"{o.tokens_per_s / base:.2f}x" if base and o.tokens_per_s else ""
         rate = f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else ""
-        note = ("failed: " + o.error) if o.error else ("use_multi_rank_bucket_allreduce=false" if o.run.ds_json else "")
+        note = ("failed: " + o.error) if o.error else ("DeepSpeed's default use_multi_rank_bucket_allreduce=true" if o.run.ds_json else "")
         lines.append(f"| {o.run.name} | {o.run.ranks} | {o.threads} | {rate} | {ratio} | {note} |")
     return "\n".join(lines)
 
