@@ -63,6 +63,10 @@ def prepare_process(place: ProcessPlace) -> str:
     os.environ.setdefault("DS_ACCELERATOR", device_type)
     if device_type == "cuda":
         torch.cuda.set_device(place.local_rank)
+        # TF32 tensor cores for whatever runs in fp32 (bf16 autocast covers the rest): ~8x the fp32 matmul rate on
+        # A100/H100 with a 10-bit mantissa, which pre-training tolerates.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one node with default threads oversubscribe the cores badly (10x slower seen at
         # 8 ranks on 2 cores): give each rank its share.
