@@ -107,8 +107,13 @@ def test_pipeline_idle_fraction_and_tables():
     one = Outcome(Run("1 rank", 1, []), tokens_per_s=50.0, threads=2)
     rows = table_rows(pipeline_table([pp], [pp], micro=4, global_batch=16))
     assert rows["pp2"][3] == "20%" and "stage 0: 25%" in rows["pp2"][4]
-    rows = table_rows(throughput_table([one, pp]))
-    assert rows["pp2"][4] == "2.00x"
+    merged = Outcome(pp.run)
+    for rate in (90.0, 110.0, 100.0):
+        merged.merge(Outcome(pp.run, tokens_per_s=rate, hook=pp.hook))
+    merged.merge(Outcome(pp.run, error="exit 1"))
+    assert merged.tokens_per_s == 100.0 and merged.hook == pp.hook and "one repeat" in merged.error
+    rows = table_rows(throughput_table([one, pp, merged]))
+    assert rows["pp2"][4] == "2.00x" and rows["pp2"][5] == "20%"
 
 
 def test_layouts_cover_the_brief():

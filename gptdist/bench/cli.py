@@ -36,6 +36,8 @@ def register_bench_commands(bench_subparsers: Any) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every layout")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run; tokens/s is the median after the "
                    "first log window (default 12)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per layout, interleaved in rounds; the table shows "
+                   "the median (default 1)")
     p.add_argument("--layouts", default=None, help="comma-separated subset of layout names (default: all)")
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed after)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is stopped (default 600)")

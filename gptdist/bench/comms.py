@@ -27,12 +27,15 @@ def _mb(n: float) -> str:
 
 def throughput_table(results: Sequence) -> str:
     base = next((o.tokens_per_s for o in results if o.run.name == "1 rank" and o.tokens_per_s), None)
-    lines = ["| layout | ranks | threads/rank | tokens/s | vs 1 rank | note |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| layout | ranks | threads/rank | tokens/s | vs 1 rank | spread | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for o in results:
         ratio = f"{o.tokens_per_s / base:.2f}x" if base and o.tokens_per_s else ""
         rate = f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else ""
+        rates = getattr(o, "rates", [])
+        spread = f"{(max(rates) - min(rates)) / o.tokens_per_s:.0%}" if len(rates) > 1 and o.tokens_per_s else ""
         note = ("failed: " + o.error) if o.error else ("DeepSpeed's default use_multi_rank_bucket_allreduce=true" if o.run.ds_json else "")
-        lines.append(f"| {o.run.name} | {o.run.ranks} | {o.threads} | {rate} | {ratio} | {note} |")
+        lines.append(f"| {o.run.name} | {o.run.ranks} | {o.threads} | {rate} | {ratio} | {spread} | {note} |")
     return "\n".join(lines)
 
 

@@ -86,6 +86,16 @@ class Outcome:
     threads: int = 1
     hook: Dict[int, Dict] = field(default_factory=dict)  # rank -> what the hook wrote
     error: str = ""
+    rates: List[float] = field(default_factory=list)  # each repeat's tokens/s; tokens_per_s is their median
+
+    def merge(self, other: "Outcome") -> None:
+        """Fold another repeat of the same layout in: the median over repeats, the newest hook records."""
+        if other.tokens_per_s is not None:
+            self.rates.append(other.tokens_per_s)
+            self.tokens_per_s = statistics.median(self.rates)
+            self.hook = other.hook or self.hook
+        elif other.error:
+            self.error = other.error if not self.rates else f"{other.error} (one repeat of several)"
 
 
 def cores() -> int:
@@ -142,8 +152,8 @@ def run_bench_parallel(args: argparse.Namespace) -> int:
 
     if not (ROOT / "launch" / "train.sh").exists():
         raise UserError("bench parallel needs a source checkout of gptdist (it runs launch/train.sh)")
-    if args.steps < 3:
-        raise UserError("--steps must be at least 3 (the first steps are start-up)")
+    if args.steps < 3 or args.repeats < 1:
+        raise UserError("--steps must be at least 3 (the first steps are start-up), --repeats at least 1")
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not Path(args.config).exists():
         overrides.insert(0, args.config)  # `bench parallel key=value ...`: no recipe given, only overrides
@@ -157,12 +167,17 @@ def run_bench_parallel(args: argparse.Namespace) -> int:
         raise UserError(f"--layouts {args.layouts!r} names none of: {', '.join(r.name for r in layouts())}")
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gptdist-bench-parallel-"))
-    results, comms_results = [], []
+    results = [Outcome(run, threads=max(1, cores() // run.ranks)) for run in runs]
+    comms_results = []
     try:
-        for run in runs + comms:
-            print(f"bench | {'comms ' if run.comms else ''}{run.name}: {run.ranks} rank(s)", file=sys.stderr, flush=True)
-            outcome = execute(run, config, overrides, 4 if run.comms else args.steps, out_dir, args.timeout)
-            (comms_results if run.comms else results).append(outcome)
+        # Rounds over all layouts, so that a busy spell on a shared machine hits every layout alike.
+        for r in range(args.repeats):
+            for run, merged in zip(runs, results):
+                print(f"bench | round {r + 1}/{args.repeats}: {run.name}, {run.ranks} rank(s)", file=sys.stderr, flush=True)
+                merged.merge(execute(run, config, overrides, args.steps, out_dir, args.timeout))
+        for run in comms:
+            print(f"bench | comms {run.name}: {run.ranks} rank(s)", file=sys.stderr, flush=True)
+            comms_results.append(execute(run, config, overrides, 4, out_dir, args.timeout))
     finally:
         if not args.out:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -171,7 +186,8 @@ def run_bench_parallel(args: argparse.Namespace) -> int:
     params = count_parameters(m)
     print(f"gptdist bench parallel: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}, seq {m.seq_len}, "
           f"{params / 1e6:.2f} M params; {GLOBAL} sequences per step (micro-batch {MICRO}); {args.steps} steps, "
-          f"median tokens/s after step 2; {cores()} CPU cores, OMP threads per rank = cores / ranks")
+          f"median tokens/s after step 2, median of {args.repeats} interleaved run(s) per layout; {cores()} CPU cores, "
+          f"OMP threads per rank = cores / ranks")
     print()
     print(throughput_table(results))
     if comms_results:
