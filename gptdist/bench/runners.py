@@ -56,6 +56,7 @@ class PlainRunner:
         from gptdist.train.optim import build_optimizer
 
         dev = device_type()
+        _same_gpu_settings(dev)
         self.device = torch.device(dev)
         self.model = GPT(cfg.model, seed=cfg.train.seed).to(self.device).train()
         if not chunked:
@@ -86,6 +87,7 @@ class TransformersRunner(PlainRunner):
         from gptdist.train.optim import build_optimizer
 
         dev = device_type()
+        _same_gpu_settings(dev)
         self.device = torch.device(dev)
         hf_cfg = hf_config_from(cfg.model)
         hf_cfg.use_cache = False
@@ -161,6 +163,13 @@ class CeilingRunner:
     @property
     def flops_per_step(self) -> float:
         return 2.0 * self.n**3
+
+
+def _same_gpu_settings(dev: str) -> None:
+    """What runtime.prepare_process sets on a GPU rank (TF32 for fp32 matmuls), so the plain rows get it too."""
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _autocast(cfg: RunConfig, dev: str):
