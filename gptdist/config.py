@@ -92,6 +92,14 @@ class CheckpointConfig(_Section):
     at_end: bool = True
 
 
+class ProfileConfig(_Section):
+    memory: bool = Field(True, description="per-rank memory report in RUN_DIR/memory/rank_<r>.json (train/memory.py)")
+    memory_step: int = Field(2, ge=1, description="the optimizer step whose model states (and, on CPU, traced peak of "
+                                                  "live tensor bytes) the memory report records")
+    comms: bool = Field(False, description="DeepSpeed's comms logger: collectives per rank in RUN_DIR/profile/")
+    pipeline: bool = Field(False, description="time every pipeline instruction per step, in RUN_DIR/profile/")
+
+
 class RunConfig(_Section):
     model: GPTConfig = Field(default_factory=GPTConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -100,6 +108,7 @@ class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
     resume: str = Field(
         "auto", min_length=1,
         description="'auto': continue from run.dir's newest complete checkpoint, if any; 'never': refuse a run.dir "

@@ -95,7 +95,7 @@ def test_bad_input(overrides, words, existing_run, tmp_path, corpus, tokenizer_p
         shutil.copytree(checkpoint, torn)
         (torn / "manifest.json").unlink()
         shutil.copytree(checkpoint, truncated)
-        shard = truncated / "model" / "tp0_pp0.safetensors"
+        shard = sorted((truncated / "model").glob("tp0_pp0*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:100])
     fill = {"bad": str(bad), "torn": str(torn), "truncated": str(truncated), "run": str(run)}
     filled = [o.format(**fill) for o in overrides]

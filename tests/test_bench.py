@@ -3,15 +3,13 @@ or two. No timing assertions: the benchmarks themselves are what prove speed (do
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 from pathlib import Path
 
 import pytest
 
 from gptdist.bench.comms import comms_table, idle_fraction, pipeline_table, throughput_table, volume_per_step
-from gptdist.bench.parallel import HOOK_DIR, Outcome, Run, comms_runs, layouts
+from gptdist.bench.parallel import Outcome, Run, comms_runs, layouts
 from gptdist.bench.table import build_lines, format_table
 from gptdist.bench.workers import RowResult
 from gptdist.cli import main
@@ -72,11 +70,11 @@ def test_bench_train_command_with_the_deepspeed_row(capsys):
     assert table_rows(out)["gptdist 1 rank (DeepSpeed ZeRO-0)"][1] != ""
 
 
-# ---------------------------------------------------------------- bench parallel: tables and hook
+# ---------------------------------------------------------------- bench parallel: tables and profiles
 
 
 def zero_outcome(name, stage, comms):
-    return Outcome(Run(name, 2, [f"parallel.zero_stage={stage}"], comms=True), hook={0: {"rank": 0, "comms": comms}})
+    return Outcome(Run(name, 2, [f"parallel.zero_stage={stage}"], comms=True), profile={0: {"rank": 0, "comms": comms}})
 
 
 def test_comms_volume_in_paper_units():
@@ -103,15 +101,15 @@ def test_pipeline_idle_fraction_and_tables():
     assert idle_fraction([step] * 4) == pytest.approx(1 - 0.6 / 0.8)
     assert idle_fraction([]) is None
     pp = Outcome(Run("pp2", 2, ["parallel.pp=2"]), tokens_per_s=100.0,
-                 hook={0: {"stage": 0, "pipe_steps": [step] * 4}, 1: {"stage": 1, "pipe_steps": [step] * 4}})
+                 profile={0: {"stage": 0, "pipe_steps": [step] * 4}, 1: {"stage": 1, "pipe_steps": [step] * 4}})
     one = Outcome(Run("1 rank", 1, []), tokens_per_s=50.0, threads=2)
     rows = table_rows(pipeline_table([pp], [pp], micro=4, global_batch=16))
     assert rows["pp2"][3] == "20%" and "stage 0: 25%" in rows["pp2"][4]
     merged = Outcome(pp.run)
     for rate in (90.0, 110.0, 100.0):
-        merged.merge(Outcome(pp.run, tokens_per_s=rate, hook=pp.hook))
+        merged.merge(Outcome(pp.run, tokens_per_s=rate, profile=pp.profile))
     merged.merge(Outcome(pp.run, error="exit 1"))
-    assert merged.tokens_per_s == 100.0 and merged.hook == pp.hook and "one repeat" in merged.error
+    assert merged.tokens_per_s == 100.0 and merged.profile == pp.profile and "one repeat" in merged.error
     rows = table_rows(throughput_table([one, pp, merged]))
     assert rows["pp2"][4] == "2.00x" and rows["pp2"][5] == "20%"
 
@@ -120,31 +118,6 @@ def test_layouts_cover_the_brief():
     names = {r.name for r in layouts()}
     assert {"1 rank", "dp2 zero1", "dp2 zero2", "dp2 zero3", "tp2", "pp2", "tp2 pp2 dp2"} <= names
     assert all(r.global_batch == 8 and r.comms for r in comms_runs())  # one micro-batch of 4 per rank per step
-
-
-def test_hook_is_inert_without_its_variable(monkeypatch):
-    monkeypatch.delenv("GPTDIST_BENCH_HOOK_OUT", raising=False)
-    import gptdist.train.cli as train_cli
-
-    before = train_cli._run_train
-    spec = importlib.util.spec_from_file_location("bench_hook_probe", HOOK_DIR / "sitecustomize.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    assert train_cli._run_train is before
-
-
-@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
-def test_hook_unlinks_deepspeeds_shm_buffer(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_hook_probe2", HOOK_DIR / "sitecustomize.py")
-    hook = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hook)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", f"test{os.getpid()}")
-    monkeypatch.setenv("RANK", "3")
-    buffer = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_test{os.getpid()}_3")
-    buffer.write_bytes(b"x")
-    hook._unlink_shm_buffer()
-    assert not buffer.exists()
-    hook._unlink_shm_buffer()  # already gone: no error
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def throughput_table(results: Sequence) -> str:
 
 
 def volume_per_step(comms: Dict[str, Dict[str, int]], steps: int, dp: int) -> Dict[str, Dict[str, float]]:
-    """op -> {calls, logged bytes, paper-unit bytes} per step, from the hook's {op: {bytes: count}}."""
+    """op -> {calls, logged bytes, paper-unit bytes} per step, from a profile record's {op: {bytes: count}}."""
     out = {}
     for op, sizes in comms.items():
         calls = sum(sizes.values())
@@ -64,7 +64,7 @@ def comms_table(results: Sequence, psi_bytes: int, dp: int, steps: int, throughp
         "|---|---|---:|---:|---:|---:|",
     ]
     for o in results:
-        rank0 = o.hook.get(0)
+        rank0 = o.profile.get(0)
         if o.error or rank0 is None:
             lines.append(f"| {o.run.name} | failed: {o.error or 'no comms record from rank 0'} | | | | |")
             continue
@@ -101,7 +101,7 @@ def pipeline_table(pp_results: Sequence, measured: Sequence, micro: int, global_
         m = global_batch // (micro * dp)
         formula = (pp - 1) / (m + pp - 1)
         by_stage: Dict[int, List[float]] = {}
-        for rec in o.hook.values():
+        for rec in o.profile.values():
             frac = idle_fraction(rec.get("pipe_steps") or [])
             if frac is not None and rec.get("stage") is not None:
                 by_stage.setdefault(int(rec["stage"]), []).append(frac)

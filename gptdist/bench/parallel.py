@@ -6,8 +6,9 @@ with the same global batch (so the same tokens per optimizer step) in every layo
 per-step values in metrics.jsonl after the first steps (start-up, allocator and op warm-up).
 
 Then, at dp=2 with one micro-batch per step (so that one step is one gradient reduction, as in the ZeRO paper),
-ZeRO 1/2/3 runs with DeepSpeed's comms logger enabled through train.deepspeed_config, read by the bench's hook
-(hook/sitecustomize.py), compared with the paper's volumes (comms.py). gptdist's ZeRO-1/2 reduce each gradient slice
+ZeRO 1/2/3 runs with DeepSpeed's comms logger (profile.comms=true), whose per-rank records the run writes to
+RUN_DIR/profile/ (train/profiling.py), compared with the paper's volumes (comms.py). Pipeline layouts run with
+profile.pipeline=true, which times every instruction of the schedule. gptdist's ZeRO-1/2 reduce each gradient slice
 to its owner (use_multi_rank_bucket_allreduce off, ds_config.py); the "allreduce" layouts put DeepSpeed's own
 default back (every bucket all-reduced) to keep the comparison in the table.
 """
@@ -27,14 +28,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.errors import UserError
+from gptdist.train.profiling import read_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK_DIR = Path(__file__).resolve().parent / "hook"
 
 # The fixed tiny model: small enough that 8 ranks start and train on 2 cores in about a minute.
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.seq_len=128"]
 MICRO, GLOBAL = 4, 16  # 16 sequences per step in every layout: 4 micro-batches of 4 on one rank, 2 per rank at dp=2
-COMMS_LOGGER = {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False}}
 ALLREDUCE = {"zero_optimization": {"use_multi_rank_bucket_allreduce": True}}  # DeepSpeed's default, not gptdist's
 
 
@@ -50,7 +50,8 @@ class Run:
     def all_overrides(self, steps: int, run_dir: Path, ds_file: Optional[Path]) -> List[str]:
         extra = [f"train.micro_batch_size={MICRO}", f"train.global_batch_size={self.global_batch}",
                  f"train.steps={steps}", "train.log_every=1", "train.warmup_steps=0", "checkpoint.every=0",
-                 "checkpoint.at_end=false", "tracking.enabled=false", "resume=never", f"run.dir={run_dir}"]
+                 "checkpoint.at_end=false", "tracking.enabled=false", "resume=never", f"run.dir={run_dir}",
+                 f"profile.comms={str(self.comms).lower()}", "profile.pipeline=true"]
         if ds_file is not None:
             extra.append(f"train.deepspeed_config={ds_file}")
         return MODEL + self.overrides + extra
@@ -84,16 +85,16 @@ class Outcome:
     run: Run
     tokens_per_s: Optional[float] = None
     threads: int = 1
-    hook: Dict[int, Dict] = field(default_factory=dict)  # rank -> what the hook wrote
+    profile: Dict[int, Dict] = field(default_factory=dict)  # rank -> the run's RUN_DIR/profile/rank_<r>.json
     error: str = ""
     rates: List[float] = field(default_factory=list)  # each repeat's tokens/s; tokens_per_s is their median
 
     def merge(self, other: "Outcome") -> None:
-        """Fold another repeat of the same layout in: the median over repeats, the newest hook records."""
+        """Fold another repeat of the same layout in: the median over repeats, the newest profile records."""
         if other.tokens_per_s is not None:
             self.rates.append(other.tokens_per_s)
             self.tokens_per_s = statistics.median(self.rates)
-            self.hook = other.hook or self.hook
+            self.profile = other.profile or self.profile
         elif other.error:
             self.error = other.error if not self.rates else f"{other.error} (one repeat of several)"
 
@@ -107,19 +108,17 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
     """One launch/train.sh run; tokens/s is the median per-step value after `skip_steps` steps."""
     run_dir = out_dir / run.name.replace(" ", "-")
     shutil.rmtree(run_dir, ignore_errors=True)
-    hook_out = run_dir / "hook"
-    hook_out.mkdir(parents=True)
-    ds_json = {**run.ds_json, **(COMMS_LOGGER if run.comms else {})}
+    run_dir.mkdir(parents=True)
     ds_file = None
-    if ds_json:
+    if run.ds_json:
         ds_file = run_dir / "deepspeed.json"
-        ds_file.write_text(json.dumps(ds_json))
+        ds_file.write_text(json.dumps(run.ds_json))
     threads = max(1, cores() // run.ranks)
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(GPUS_PER_NODE=str(run.ranks), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               GPTDIST_BENCH_HOOK_OUT=str(hook_out), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(HOOK_DIR), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = ["bash", str(ROOT / "launch" / "train.sh"), config,
            *run.all_overrides(steps, run_dir, ds_file), *user_overrides]
     outcome = Outcome(run, threads=threads)
@@ -130,9 +129,7 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
     except subprocess.TimeoutExpired:
         outcome.error = f"timed out after {timeout:.0f} s (log: {log})"
         return outcome
-    for path in hook_out.glob("rank*.json"):
-        record = json.loads(path.read_text())
-        outcome.hook[int(record["rank"])] = record
+    outcome.profile = read_profiles(run_dir)
     metrics = run_dir / "metrics.jsonl"
     # A run that finished its steps counts even if the launcher's exit was unclean (gloo teardown, see notes).
     if not (run_dir / "run_complete.json").exists() or not metrics.exists():
@@ -193,7 +190,7 @@ def run_bench_parallel(args: argparse.Namespace) -> int:
     if comms_results:
         print()
         print(comms_table(comms_results, params * 4, dp=2, steps=4, throughput=results))
-    pipes = [o for o in results if o.hook and any(r.get("pipe_steps") for r in o.hook.values())]
+    pipes = [o for o in results if o.profile and any(r.get("pipe_steps") for r in o.profile.values())]
     pp_runs = [o for o in results if "pp2" in o.run.name]
     if pp_runs:
         print()

@@ -3,18 +3,26 @@
 DeepSpeed's own files are tied to the layout that wrote them (flattened ZeRO partitions, `layer_XX` pipeline files,
 per-TP-rank model states). Next to them every save writes `model/`:
 
-    model/index.json                 {"tp": T, "pp": P, "params": {name: {shape, partition_dim, stride, stage}}}
-    model/tp{t}_pp{p}.safetensors    this (tp, pp) slice: "<name>" fp32 weight, "exp_avg/<name>", "exp_avg_sq/<name>"
+    model/index.json                         {"tp": T, "pp": P, "params": {name: {partition_dim, stride, stage}}}
+    model/tp{t}_pp{p}_dp{d}_{k}.safetensors  tensors of tensor-parallel rank t, stage p: "<name>" fp32 weight,
+                                             "exp_avg/<name>", "exp_avg_sq/<name>"
 
 Names are the plain GPT's (`blocks.3.attn.qkv.weight`), tensors are whole across data-parallel ranks (ZeRO
 partitions gathered) and split only along tensor parallelism, with the split recorded, so any other layout, an
 export or a single-process tool can assemble the full tensor and cut its own piece. safetensors: loading never
 unpickles anything.
+
+Memory, both ways. Writing: the data-parallel ranks of each (tp, pp) take the parameters in turn (parameter i goes
+to data-parallel rank i mod dp), and each writes a file whenever its buffer passes FILE_BYTES, so no rank holds more
+than about that much of the copy at once (plus the one parameter being gathered). Reading: a rank reads only the
+tensors of its own stage, and of each only the rows or columns of its own tensor-parallel piece (safetensors
+slices), whatever the writer's layout; the file holding each tensor is found from the files' headers.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -65,29 +73,46 @@ def _relink_optimizer_state(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path) -> None:
-    """Called by every rank (the ZeRO gathers are collective); data-parallel rank 0 of each (tp, pp) writes."""
+FILE_BYTES = 512 << 20  # a rank writes a file whenever its buffered tensors pass this size
+_FILE_NAME = re.compile(r"^tp(\d+)_pp(\d+)(?:_.*)?\.safetensors$")
+
+
+def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path, file_bytes: int = FILE_BYTES) -> None:
+    """Called by every rank (the ZeRO gathers are collective); the data-parallel ranks of each (tp, pp) share the
+    writing, parameter by parameter."""
     from safetensors.torch import save_file
 
     _relink_optimizer_state(engine)
+    dp, dp_rank = topology.layout.dp, topology.dp_rank
+    prefix = f"tp{topology.tp_rank}_pp{topology.pp_rank}_dp{dp_rank}"
+    buffer: Dict[str, torch.Tensor] = {}
+    files = 0
 
-    tensors: Dict[str, torch.Tensor] = {}
+    def flush() -> None:
+        nonlocal buffer, files
+        if buffer:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(buffer, str(folder / f"{prefix}_{files:03d}.safetensors"))
+            files += 1
+            buffer = {}
+
     meta: Dict[str, Dict] = {}
-    for name, param in owned_parameters(engine, names):
-        weight, moments = _full_across_dp(engine, param)
-        if topology.dp_rank != 0:
-            continue
+    for i, (name, param) in enumerate(owned_parameters(engine, names)):
+        weight, moments = _full_across_dp(engine, param)  # collective under ZeRO: every rank, same order
         part = _partition(param)
-        tensors[name] = weight.detach().float().cpu().contiguous()
+        meta[name] = {"partition_dim": part.dim, "stride": part.stride, "stage": topology.pp_rank}
+        if i % dp != dp_rank:
+            continue
+        buffer[name] = weight.detach().float().cpu().contiguous()
         for key, value in moments.items():
             if value is not None:
-                tensors[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
-        meta[name] = {"partition_dim": part.dim, "stride": part.stride, "stage": topology.pp_rank}
-    if topology.dp_rank != 0:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / f"tp{topology.tp_rank}_pp{topology.pp_rank}.safetensors"))
-    if topology.tp_rank == 0:
+                buffer[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
+        del weight, moments
+        if sum(t.numel() * t.element_size() for t in buffer.values()) >= file_bytes:
+            flush()
+    flush()
+    if dp_rank == 0 and topology.tp_rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
         # One index per pipeline stage; merged into index.json by rank 0 once every stage has written.
         (folder / f"index_pp{topology.pp_rank}.json").write_text(json.dumps(meta))
 
@@ -103,40 +128,82 @@ def merge_index(folder: Path, tp: int, pp: int) -> None:
 
 
 class LayoutFreeReader:
-    """Full tensors by canonical name, assembled from whatever layout wrote them. Opens files lazily."""
+    """Tensors by canonical name, whole or as one tensor-parallel piece, from whatever layout wrote them. Reads
+    only the files' headers up front and then the bytes asked for."""
 
     def __init__(self, folder: Path):
         index = json.loads((folder / "index.json").read_text())
         self.folder, self.tp, self.pp, self.params = folder, index["tp"], index["pp"], index["params"]
         self._open: Dict[str, object] = {}
-
-    def _file(self, tp_rank: int, stage: int):
+        self._where: Dict[Tuple[int, str], str] = {}  # (tensor-parallel rank, tensor name) -> file name
         from safetensors import safe_open
 
-        key = f"tp{tp_rank}_pp{stage}.safetensors"
-        if key not in self._open:
-            self._open[key] = safe_open(str(self.folder / key), framework="pt")
-        return self._open[key]
+        for path in sorted(folder.glob("*.safetensors")):
+            match = _FILE_NAME.match(path.name)
+            if match is None:
+                continue
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    self._where[(int(match.group(1)), key)] = path.name
+
+    def _file(self, file_name: str):
+        from safetensors import safe_open
+
+        if file_name not in self._open:
+            self._open[file_name] = safe_open(str(self.folder / file_name), framework="pt")
+        return self._open[file_name]
+
+    def _slice(self, tp_rank: int, tensor_name: str):
+        where = self._where.get((tp_rank, tensor_name))
+        if where is None:
+            raise ValueError(f"{self.folder}: no file holds {tensor_name!r} of tensor-parallel rank {tp_rank}")
+        return self._file(where).get_slice(tensor_name)
 
     def names(self) -> List[str]:
         return list(self.params)
 
     def has(self, key: str, name: str) -> bool:
+        return (0, f"{key}/{name}") in self._where
+
+    def _saved(self, name: str) -> Tuple[Partition, int]:
         meta = self.params[name]
-        return f"{key}/{name}" in self._file(0, meta["stage"]).keys()
+        part = Partition(meta["partition_dim"], meta["stride"])
+        return part, (self.tp if part.dim is not None else 1)
 
     def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
         """The full weight (key None) or Adam moment (key 'exp_avg' / 'exp_avg_sq') of `name`."""
-        meta = self.params[name]
         tensor_name = name if key is None else f"{key}/{name}"
-        part = Partition(meta["partition_dim"], meta["stride"])
-        ranks = range(self.tp) if part.dim is not None else range(1)
-        pieces = [self._file(r, meta["stage"]).get_tensor(tensor_name) for r in ranks]
-        return unshard(pieces, part)
+        part, pieces = self._saved(name)
+        return unshard([self._slice(r, tensor_name)[:] for r in range(pieces)], part)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {name: self.full(name) for name in self.names()}
 
+    def read_piece(self, name: str, partition: Partition, tp_rank: int, tp: int, key: Optional[str] = None) -> torch.Tensor:
+        """Tensor-parallel rank `tp_rank` of `tp`'s piece of `name` split as `partition`, reading only its rows
+        (or columns) from the saved pieces, whatever tensor-parallel size wrote them."""
+        tensor_name = name if key is None else f"{key}/{name}"
+        saved, pieces = self._saved(name)
+        if partition.dim is None or tp == 1:
+            return self.full(name, key)
+        if saved.dim is not None and saved != partition:
+            return shard(self.full(name, key), partition, tp_rank, tp)  # another split of the same tensor: rare
+        dim, stride = partition
+        slices = [self._slice(r, tensor_name) for r in range(pieces)]
+        length = slices[0].get_shape()[dim] * pieces // stride  # rows of one chunk ([q | k | v] has 3) in full
+        want, have = length // tp, length // pieces  # rows of a chunk in the new piece, in each saved piece
+        parts = []
+        for chunk in range(stride):
+            lo, hi = tp_rank * want, (tp_rank + 1) * want  # within the chunk
+            for q in range(pieces):
+                a, b = max(lo, q * have), min(hi, (q + 1) * have)
+                if a < b:  # saved piece q holds rows [q*have, (q+1)*have) of each chunk, chunk after chunk
+                    base = chunk * have - q * have
+                    index = tuple(slice(base + a, base + b) if d == dim else slice(None)
+                                  for d in range(len(slices[q].get_shape())))
+                    parts.append(slices[q][index])
+        return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+
     def piece(self, name: str, param: torch.Tensor, tp_rank: int, tp: int, key: Optional[str] = None) -> torch.Tensor:
         """The piece of `name` that `param` (a tensor-parallel shard on this rank, or a full parameter) holds."""
-        return shard(self.full(name, key), _partition(param), tp_rank, tp)
+        return self.read_piece(name, _partition(param), tp_rank, tp, key)

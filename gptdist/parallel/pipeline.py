@@ -1,12 +1,17 @@
-"""Cut the GPT into pipeline stages: a deepspeed.pipe.PipelineModule over the model's own pieces.
+"""Cut the GPT into pipeline stages: a deepspeed.pipe.PipelineModule whose layers each build their own piece.
 
     [tied token embedding] [positions] [block 0] ... [block L-1] [final norm] [tied token embedding as head]
 
 The token embedding appears twice under one TiedLayerSpec key: DeepSpeed keeps the first and last stages' copies
 equal (one broadcast at start, an all-reduce of their gradients every step), which is the pipeline form of the
 tied LM head. Blocks are balanced across stages by count (`type:BlockLayer`); the embedding lands on the first
-stage and the norm and head on the last. Each layer wraps a module of an already built (and, under tensor
-parallelism, already sharded) GPT, so the values are exactly those of the single-rank model.
+stage and the norm and head on the last.
+
+Every layer is a LayerSpec, which DeepSpeed builds only on the stage that owns it: a stage constructs its own
+layers and nothing else, on host or device. Each layer builds the plain model's module for its piece on the meta
+device (`Block(cfg)` for block i), applies the tensor-parallel plan to it, and materializes this rank's shard
+under the piece's canonical names (`blocks.i.`...), from the layout-free initialization or a checkpoint. The
+values are therefore exactly those the single-rank model would have.
 """
 
 from __future__ import annotations
@@ -14,21 +19,62 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gptdist.model.block import Block
+from gptdist.model.config import GPTConfig
+from gptdist.model.embedding import Embeddings
+from gptdist.model.head import LMHead
+from gptdist.parallel.materialize import ValueSource, materialize
+from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
+
 TIED_KEY = "wte"
+
+
+@dataclass
+class PieceBuilder:
+    """What every stage layer needs to build its piece: the model shape, the tensor-parallel group, the device and
+    where the values come from. One object, shared by the layer specs (DeepSpeed passes it to the layers it builds)."""
+
+    cfg: GPTConfig
+    group: Group
+    device: torch.device
+    source: ValueSource
+
+    def finish(self, module: nn.Module, prefix: str) -> nn.Module:
+        materialize(module, self.source, device=self.device, prefix=prefix,
+                    tp_rank=tp_rank(self.group), tp_size=tp_size(self.group))
+        return module
+
+    def token_embedding(self) -> nn.Module:
+        with torch.device("meta"):
+            wte = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model)
+        if tp_size(self.group) > 1:
+            from gptdist.parallel.tp_plan import shard_token_embedding
+
+            wte = shard_token_embedding(wte, self.group)
+        return self.finish(wte, "embed.wte")
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return tp_size(self.group) > 1
 
 
 class TokenEmbeddingLayer(nn.Module):
     """First stage: token ids -> token embeddings (scaled when the model asks for it)."""
 
-    def __init__(self, wte: nn.Module, scale: float):
+    def __init__(self, build: PieceBuilder):
         super().__init__()
-        self.wte, self.scale = wte, scale
+        self.wte = build.token_embedding()
+        # As Embeddings does: sqrt(d_model) when the model scales token vectors (Vaswani et al.).
+        self.scale = math.sqrt(build.cfg.d_model) if build.cfg.scale_embeddings else 1.0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         tok = self.wte(idx)
@@ -36,16 +82,22 @@ class TokenEmbeddingLayer(nn.Module):
 
 
 class TiedHeadLayer(nn.Module):
-    """Last stage: hidden states scored against the same token embedding (tied under one key with the first
-    stage's TokenEmbeddingLayer). Under tensor parallelism the head emits this rank's vocabulary slice of the
+    """Last stage: hidden states scored against its own copy of the token embedding (tied under one key with the
+    first stage's TokenEmbeddingLayer). Under tensor parallelism the head emits this rank's vocabulary slice of the
     logits and the loss function (the head's own) reads them without gathering.
 
     A module rather than a forward_fn on the tied spec: DeepSpeed saves and loads a pipeline layer's weights only
     when the layer is a module, and the last stage's copy of the embedding must be checkpointed like any other."""
 
-    def __init__(self, wte: nn.Module, head: nn.Module):
+    def __init__(self, build: PieceBuilder):
         super().__init__()
-        self.wte, self.head = wte, head
+        self.wte = build.token_embedding()
+        if build.tensor_parallel:
+            from gptdist.parallel.tp_head import VocabParallelLMHead
+
+            self.head = VocabParallelLMHead(build.group)
+        else:
+            self.head = LMHead()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hasattr(self.head, "local_logits"):
@@ -56,9 +108,12 @@ class TiedHeadLayer(nn.Module):
 class PositionLayer(nn.Module):
     """Adds position information to the token embeddings (learned table or sinusoids), then dropout."""
 
-    def __init__(self, embed: nn.Module):
+    def __init__(self, build: PieceBuilder):
         super().__init__()
-        self.embed = embed  # the model's Embeddings module; its `wte` is used by TokenEmbeddingLayer instead
+        with torch.device("meta"):
+            embed = Embeddings(build.cfg)
+        del embed.wte  # the token table is the tied layer's
+        self.embed = build.finish(embed, "embed")
 
     def forward(self, tok: torch.Tensor) -> torch.Tensor:
         T = tok.size(1)
@@ -70,40 +125,45 @@ class PositionLayer(nn.Module):
 
 
 class BlockLayer(nn.Module):
-    def __init__(self, block: nn.Module):
+    def __init__(self, build: PieceBuilder, index: int):
         super().__init__()
-        self.block = block
+        with torch.device("meta"):
+            block = Block(build.cfg)
+        if build.tensor_parallel:
+            from gptdist.parallel.tp_plan import shard_block
+
+            shard_block(block, build.group)
+        self.block = build.finish(block, f"blocks.{index}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.block(hidden)
 
 
 class FinalNormLayer(nn.Module):
-    def __init__(self, ln_f: nn.Module):
+    def __init__(self, build: PieceBuilder):
         super().__init__()
-        self.ln_f = ln_f
+        cfg = build.cfg
+        with torch.device("meta"):
+            ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_f = build.finish(ln_f, "ln_f")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ln_f(hidden)
 
 
-def build_pipeline(model: nn.Module, topology, loss_fn, activation_checkpointing: bool):
-    """A PipelineModule over `model`'s pieces for the given DeepSpeed topology."""
+def build_pipeline(build: PieceBuilder, topology, loss_fn, activation_checkpointing: bool):
+    """A PipelineModule for the given DeepSpeed topology; only this rank's stage is constructed."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    cfg = model.cfg
+    cfg = build.cfg
     if not cfg.tie_embeddings:
         raise ValueError("pipeline parallelism in gptdist needs model.tie_embeddings=true (the head shares wte)")
-    scale = model.embed.scale
-    wte = model.embed.wte
-    # Keep positions and dropout on the first stage; the token table travels through the tied spec.
-    del model.embed.wte
     layers = [
-        TiedLayerSpec(TIED_KEY, TokenEmbeddingLayer, wte, scale, tied_weight_attr=["wte.weight"]),
-        LayerSpec(PositionLayer, model.embed),
-        *[LayerSpec(BlockLayer, block) for block in model.blocks],
-        LayerSpec(FinalNormLayer, model.ln_f),
-        TiedLayerSpec(TIED_KEY, TiedHeadLayer, wte, model.head, tied_weight_attr=["wte.weight"]),
+        TiedLayerSpec(TIED_KEY, TokenEmbeddingLayer, build, tied_weight_attr=["wte.weight"]),
+        LayerSpec(PositionLayer, build),
+        *[LayerSpec(BlockLayer, build, i) for i in range(cfg.n_layer)],
+        LayerSpec(FinalNormLayer, build),
+        TiedLayerSpec(TIED_KEY, TiedHeadLayer, build, tied_weight_attr=["wte.weight"]),
     ]
     # PipelineModule prints its partition to stdout; gptdist's own log says what matters.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -116,6 +176,17 @@ def build_pipeline(model: nn.Module, topology, loss_fn, activation_checkpointing
             activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
             checkpointable_layers=["BlockLayer"],
         )
+
+
+def stage_parameter_names(module: nn.Module) -> Dict[int, str]:
+    """{id(parameter): canonical name} for every parameter a stage holds (set by materialize)."""
+    names = {}
+    for local, param in module.named_parameters():
+        name = getattr(param, "gptdist_name", None)
+        if name is None:
+            raise ValueError(f"pipeline parameter {local!r} was not built by gptdist's stage layers")
+        names[id(param)] = name
+    return names
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,24 @@ import torch.distributed as dist
 Group = Optional[dist.ProcessGroup]
 
 
+class ShapeGroup:
+    """A stand-in tensor-parallel group with a size and a rank and no communication: layers built with it on the
+    meta device have exactly the shapes of that rank's shard (`gptdist plan` sizes layouts this way)."""
+
+    def __init__(self, size: int, rank: int = 0) -> None:
+        self.size, self.rank = size, rank
+
+
 def tp_size(group: Group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    if group is None:
+        return 1
+    return group.size if isinstance(group, ShapeGroup) else dist.get_world_size(group)
 
 
 def tp_rank(group: Group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, ShapeGroup) else dist.get_rank(group)
 
 
 def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:

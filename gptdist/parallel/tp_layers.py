@@ -46,6 +46,11 @@ def _divide(n: int, size: int, what: str) -> int:
     return n // size
 
 
+def _local_shape(param: torch.Tensor) -> tuple:
+    # A ZeRO-3 parameter holds only its flat partition; its shape as the layer sees it is ds_shape.
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 class _TPModule(nn.Module):
     """Holds the group, this rank's place in it, and the shared `load_full`."""
 
@@ -104,7 +109,7 @@ class ColumnParallelLinear(_TPModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"(local {self.weight.size(0)}), bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+                f"(local {_local_shape(self.weight)[0]}), bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
 
 
 class RowParallelLinear(_TPModule):
@@ -133,7 +138,7 @@ class RowParallelLinear(_TPModule):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {self.weight.size(1)}), out_features={self.out_features}, "
+        return (f"in_features={self.in_features} (local {_local_shape(self.weight)[1]}), out_features={self.out_features}, "
                 f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
 
 

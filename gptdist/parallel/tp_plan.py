@@ -14,10 +14,12 @@ Which module becomes what (Megatron-LM's split of a Transformer block):
 Each block then does two all-reduces forward (after proj, after fc2) and two backward (before qkv,
 before fc1), plus one each for the embedding and the head.
 
-Values: every rank takes its piece of the full value. For a model built on a real device the full
-value is the existing parameter (so the result equals the unsharded model). For a model built on
-the meta device it is `init_value(name, full_shape, cfg, seed)`: one full tensor at a time on the
-CPU, so the whole model is never materialized on any rank, and every layout gets the same numbers.
+Values: the swap itself creates the new layers on the meta device (structure only); `materialize` then fills
+each parameter with this rank's piece of its full value. For a model that already has values those are the
+existing parameters (so the result equals the unsharded model); for a model built on the meta device they are
+`init_value(name, full_shape, cfg, seed)`, one full tensor at a time on the CPU, so the whole model is never
+materialized on any rank and every layout gets the same numbers. A pipeline stage applies the same swaps to just
+its own pieces (`shard_block`, `shard_token_embedding`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import torch
 import torch.nn as nn
 
 from gptdist.model.config import GPTConfig
-from gptdist.model.init import init_value
-from gptdist.parallel.tp_comm import Group, tp_size
+from gptdist.model.init import canonical_name
+from gptdist.parallel.materialize import InitValues, TensorValues, materialize
+from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
 from gptdist.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from gptdist.parallel.tp_head import VocabParallelLMHead
-from gptdist.parallel.tp_shard import REPLICATED, tag
 
 
 def check_tp_divisibility(cfg: GPTConfig, tp: int) -> None:
@@ -49,18 +51,40 @@ def check_tp_divisibility(cfg: GPTConfig, tp: int) -> None:
         raise ValueError(f"tensor parallelism {tp} needs divisibility: " + "; ".join(problems) + f" not divisible by {tp}")
 
 
-class _Source:
-    """Where full values come from: the existing parameters, or `init_value` for a meta model."""
+def shard_block(block: nn.Module, group: Group) -> None:
+    """Swap one block's four projections for tensor-parallel layers on the meta device (values come later)."""
+    meta = torch.device("meta")
+    attn, mlp = block.attn, block.mlp
+    attn.qkv = _column(attn.qkv, group, meta, stride=3)  # [q | k | v], heads contiguous inside each
+    attn.proj = _row(attn.proj, group, meta)
+    mlp.fc1 = _column(mlp.fc1, group, meta)
+    mlp.fc2 = _row(mlp.fc2, group, meta)
 
-    def __init__(self, cfg: GPTConfig, seed: Optional[int], device: torch.device):
-        self.cfg, self.seed, self.device = cfg, seed, device
 
-    def full(self, name: str, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if param is None:
-            return None
-        if param.is_meta:
-            return init_value(name, param.shape, self.cfg, self.seed)  # CPU; load_full copies the shard over
-        return param.detach()
+def shard_token_embedding(wte: nn.Embedding, group: Group) -> VocabParallelEmbedding:
+    """The vocabulary-parallel replacement of a token embedding, on the meta device."""
+    return VocabParallelEmbedding(wte.num_embeddings, wte.embedding_dim, group, device="meta", dtype=wte.weight.dtype)
+
+
+def _column(old: nn.Linear, group: Group, device, stride: int = 1, gather_output: bool = False) -> ColumnParallelLinear:
+    return ColumnParallelLinear(old.in_features, old.out_features, old.bias is not None, group, gather_output,
+                                stride=stride, device=device, dtype=old.weight.dtype)
+
+
+def _row(old: nn.Linear, group: Group, device) -> RowParallelLinear:
+    return RowParallelLinear(old.in_features, old.out_features, old.bias is not None, group, device=device,
+                             dtype=old.weight.dtype)
+
+
+def shard_structure(model: nn.Module, group: Group) -> None:
+    """Swap every module of the plan (see the module docstring) for its tensor-parallel form, on meta."""
+    for block in model.blocks:
+        shard_block(block, group)
+    model.embed.wte = shard_token_embedding(model.embed.wte, group)
+    if not model.cfg.tie_embeddings:
+        # gather_output: a direct call lm_head(h) still returns full logits; the loss path only uses the weight
+        model.lm_head = _column(model.lm_head, group, torch.device("meta"), gather_output=True)
+    model.head = VocabParallelLMHead(group)
 
 
 def apply_tensor_parallel(model: nn.Module, group: Group, seed: Optional[int] = None, *,
@@ -83,62 +107,14 @@ def apply_tensor_parallel(model: nn.Module, group: Group, seed: Optional[int] = 
     if meta:
         if seed is None:
             raise ValueError("a model on the meta device has no values: pass seed= to initialize its shards")
+        source = InitValues(cfg, seed)
         device = torch.device(device if device is not None else "cpu")
     else:
         if seed is not None or device is not None:
             raise ValueError("seed= and device= are for meta-device models; this one already has values")
         device = next(model.parameters()).device
-    src = _Source(cfg, seed, device)
-
-    def column(old: nn.Linear, name: str, stride: int = 1, gather_output: bool = False) -> ColumnParallelLinear:
-        new = ColumnParallelLinear(old.in_features, old.out_features, old.bias is not None, group, gather_output,
-                                   stride=stride, device=device, dtype=old.weight.dtype)
-        new.load_full(weight=src.full(f"{name}.weight", old.weight), bias=src.full(f"{name}.bias", old.bias))
-        return new
-
-    def row(old: nn.Linear, name: str) -> RowParallelLinear:
-        new = RowParallelLinear(old.in_features, old.out_features, old.bias is not None, group,
-                                device=device, dtype=old.weight.dtype)
-        new.load_full(weight=src.full(f"{name}.weight", old.weight), bias=src.full(f"{name}.bias", old.bias))
-        return new
-
-    for i, block in enumerate(model.blocks):
-        p = f"blocks.{i}"
-        block.attn.qkv = column(block.attn.qkv, f"{p}.attn.qkv", stride=3)  # [q | k | v], heads inside each
-        block.attn.proj = row(block.attn.proj, f"{p}.attn.proj")
-        block.mlp.fc1 = column(block.mlp.fc1, f"{p}.mlp.fc1")
-        block.mlp.fc2 = row(block.mlp.fc2, f"{p}.mlp.fc2")
-
-    old = model.embed.wte
-    wte = VocabParallelEmbedding(old.num_embeddings, old.embedding_dim, group, device=device, dtype=old.weight.dtype)
-    wte.load_full(weight=src.full("embed.wte.weight", old.weight))
-    model.embed.wte = wte
-    if not cfg.tie_embeddings:
-        # gather_output: a direct call lm_head(h) still returns full logits; the loss path only uses the weight
-        model.lm_head = column(model.lm_head, "lm_head", gather_output=True)
-    model.head = VocabParallelLMHead(group)
-
-    _finish_replicated(model, src)
+        # The old full parameters stay referenced here until every shard has been cut from them.
+        source = TensorValues({canonical_name(n): p for n, p in model.named_parameters()})
+    shard_structure(model, group)
+    materialize(model, source, device=device, tp_rank=tp_rank(group), tp_size=tp_size(group))
     return model
-
-
-@torch.no_grad()
-def _finish_replicated(model: nn.Module, src: _Source) -> None:
-    """Materialize what is left on the meta device (replicated parameters and buffers) and tag every
-    parameter not yet tagged as replicated, so each one answers `tp_partition_dim`."""
-    for mod_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                full_name = f"{mod_name}.{name}" if mod_name else name
-                value = src.full(full_name, param).to(device=src.device, dtype=param.dtype)
-                setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
-            if not hasattr(getattr(module, name), "tp_partition_dim"):
-                tag(module, name, REPLICATED)
-        meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-        for name in meta_buffers:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device=src.device)
-        if meta_buffers:
-            reset = getattr(module, "reset_buffers", None)
-            if not callable(reset):
-                raise ValueError(f"buffers {meta_buffers} of {mod_name!r} are on the meta device and cannot be refilled")
-            reset()

@@ -8,6 +8,7 @@ from typing import Any, Dict
 
 from gptdist.config import RunConfig
 from gptdist.errors import UserError
+from gptdist.model.config import GPTConfig
 from gptdist.parallel.layout import Layout
 
 
@@ -37,16 +38,50 @@ def build_ds_config(cfg: RunConfig, layout: Layout, precision: str) -> Dict[str,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if layout.zero_stage > 0:
+        ds["zero_optimization"].update(zero_buffers(cfg.model, layout.tp))
     if layout.zero_stage in (1, 2):
         # Reduce each gradient bucket's slices to the rank that owns them (ZeRO's 2Ψ per step) instead of
         # DeepSpeed's default all-reduce of every bucket (3Ψ): fewer bytes at the same speed (docs/performance.md).
         ds["zero_optimization"]["use_multi_rank_bucket_allreduce"] = False
-    if layout.zero_stage == 3:
-        # Keep small parameters partitioned too, so tiny test models exercise the real ZeRO-3 path.
-        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+    if cfg.profile.comms:
+        from gptdist.train.profiling import COMMS_LOGGER
+
+        ds.update(COMMS_LOGGER)
     if cfg.train.deepspeed_config:
         ds = _merge(ds, _read_user_config(cfg.train.deepspeed_config))
     return ds
+
+
+def block_numel(model: GPTConfig, tp: int) -> int:
+    """Parameters of one Transformer block on one tensor-parallel rank (projections split, norms replicated)."""
+    d, f = model.d_model, model.ffn_dim
+    matrices = 4 * d * d + 2 * d * f
+    biases = (3 * d + f) if model.bias else 0  # qkv and fc1 biases are split; proj/fc2 biases replicated
+    replicated = (2 * d if model.bias else 0) + (4 * d if model.bias else 2 * d)
+    return (matrices + biases) // tp + replicated
+
+
+def zero_buffers(model: GPTConfig, tp: int) -> Dict[str, Any]:
+    """ZeRO's buffer sizes, in elements, sized for the model instead of DeepSpeed's defaults (5e8 elements per
+    gradient bucket: 2 GB in fp32 allocated every backward pass, whatever the model's size; ZeRO-3 keeping up to
+    1e9 gathered parameter elements alive, the whole model below a few billion parameters).
+
+    Gradient buckets hold two blocks' gradients: large enough that a block's reduction is one or two collectives,
+    small next to the model. ZeRO-3 prefetches one block ahead, releases a gathered parameter unless it is used
+    again within one block's worth of fetches, keeps at most two blocks (or the largest parameter, the vocabulary
+    table) gathered, and leaves parameters under 10 x d_model (norm gains, biases) unpartitioned, since gathering
+    each of those costs a collective for a few kilobytes. `gptdist plan` predicts memory from the same numbers."""
+    block = block_numel(model, tp)
+    largest = max(model.vocab_size * model.d_model // tp, block)
+    return {
+        "reduce_bucket_size": 2 * block,
+        "allgather_bucket_size": 2 * block,
+        "stage3_prefetch_bucket_size": block,
+        "stage3_max_live_parameters": max(2 * block, largest),
+        "stage3_max_reuse_distance": block,
+        "stage3_param_persistence_threshold": 10 * model.d_model,
+    }
 
 
 def _read_user_config(path: str) -> Dict[str, Any]:

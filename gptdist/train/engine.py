@@ -7,6 +7,7 @@ The order follows torchtitan's: plain model (on the meta device when it will be 
 from __future__ import annotations
 
 import logging
+from typing import Dict, Tuple
 
 import torch
 
@@ -24,24 +25,37 @@ def quiet_deepspeed(is_main: bool) -> None:
     logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
-def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, weights=None) -> torch.nn.Module:
-    """The GPT as this rank holds it. Every parameter's full value comes from its own (seed, name) generator, so
-    every layout starts from the same weights; under tensor parallelism the model is built on the meta device and
-    each rank materializes only its own shard. `weights` (a LayoutFreeReader) replaces the initial values with a
-    checkpoint's, cut for this layout."""
-    if layout.tp == 1:
-        model = GPT(cfg.model, seed=cfg.train.seed)
-    else:
-        from gptdist.parallel.tp_plan import apply_tensor_parallel
+def value_source(cfg: RunConfig, weights=None):
+    """Where the parameters' values come from: a layout-free checkpoint (another layout's resume), or the
+    layout-free initialization from train.seed."""
+    from gptdist.parallel.materialize import CheckpointValues, InitValues
 
-        with torch.device("meta"):
-            model = GPT(cfg.model, seed=None)
-        model = apply_tensor_parallel(model, topology.tp_group, seed=cfg.train.seed, device=device)
-    if weights is not None:
-        from gptdist.parallel.tp_state import load_full_state_dict
+    return CheckpointValues(weights) if weights is not None else InitValues(cfg.model, cfg.train.seed)
 
-        load_full_state_dict(model, weights.state_dict(), topology.tp_group)
-    return model
+
+def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, weights=None,
+                partition=None) -> Tuple[torch.nn.Module, Dict[int, str]]:
+    """The plain GPT (pp = 1) as this rank holds it, and {id(parameter): canonical name}.
+
+    Built on the meta device, given the tensor-parallel plan there, and only then materialized one parameter at a
+    time with this rank's shard of its value (see parallel/materialize.py). `partition` (ZeRO-3) partitions each
+    parameter over the data-parallel group as soon as it has its value, so the unpartitioned model never exists.
+    `weights` (a LayoutFreeReader) gives a checkpoint's values instead of the initial ones."""
+    from gptdist.parallel.materialize import materialize
+    from gptdist.parallel.tp_comm import tp_rank, tp_size
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, seed=None)
+    group = topology.tp_group if layout.tp > 1 else None
+    if layout.tp > 1:
+        from gptdist.parallel.tp_plan import check_tp_divisibility, shard_structure
+
+        check_tp_divisibility(cfg.model, layout.tp)
+        shard_structure(model, group)
+    dtype = partition.dtype if partition is not None else None
+    names = materialize(model, value_source(cfg, weights), device=device, tp_rank=tp_rank(group),
+                        tp_size=tp_size(group), dtype=dtype, after=partition)
+    return model, names
 
 
 def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str, weights=None,
@@ -51,26 +65,42 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
     import deepspeed
 
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
-    from gptdist.parallel.pipeline import build_pipeline, cross_entropy_loss
+    from gptdist.parallel.pipeline import PieceBuilder, build_pipeline, cross_entropy_loss, stage_parameter_names
     from gptdist.train.steps import PipelineStep, PlainStep
 
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    model = build_model(cfg, layout, topology, device, weights)
-    names = {id(p): name for name, p in model.named_parameters()}
+    ds_config = build_ds_config(cfg, layout, precision)
     if layout.pp > 1:
-        # Under tensor parallelism the last stage emits vocab-sharded logits; the head's own loss reads them.
-        loss_fn = getattr(model.head, "loss", cross_entropy_loss)
-        module = build_pipeline(model, topology.topo, loss_fn, cfg.parallel.activation_checkpointing)
+        group = topology.tp_group if layout.tp > 1 else None
+        build = PieceBuilder(cfg.model, group, device, value_source(cfg, weights))
+        if layout.tp > 1:
+            from gptdist.parallel.tp_head import VocabParallelLMHead
+            from gptdist.parallel.tp_plan import check_tp_divisibility
+
+            check_tp_divisibility(cfg.model, layout.tp)
+            # The last stage emits vocab-sharded logits; the vocab-parallel loss reads them without gathering.
+            loss_fn = VocabParallelLMHead(group).loss
+        else:
+            loss_fn = cross_entropy_loss
+        module = build_pipeline(build, topology.topo, loss_fn, cfg.parallel.activation_checkpointing)
+        names = stage_parameter_names(module)
         mpu = None  # the pipeline engine builds its own grid from the topology and refuses an mpu
     else:
+        partition = None
+        if layout.zero_stage == 3:
+            from gptdist.parallel.materialize import Zero3Partitioner
+
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            partition = Zero3Partitioner(ds_config, topology.dp_group, topology, dtype)
+        module, names = build_model(cfg, layout, topology, device, weights, partition)
         if cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        module, mpu = model, topology
+            apply_activation_checkpointing(module)
+        mpu = topology
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=build_optimizer(module, cfg.train, device_type),
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
-        config=build_ds_config(cfg, layout, precision),
+        config=ds_config,
         mpu=mpu,
         dist_init_required=False,
     )

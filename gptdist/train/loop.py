@@ -55,6 +55,8 @@ def train(cfg: RunConfig) -> int:
     from gptdist.checkpoint.store import SaveContext, save_checkpoint
     from gptdist.parallel.topology import Topology
     from gptdist.train.engine import build_training_engine, quiet_deepspeed
+    from gptdist.train.memory import MemoryReport
+    from gptdist.train.profiling import RunProfiler
     from gptdist.train.steps import DataPosition
     from gptdist.train.tracking import NullTracker, flatten, start_tracker
 
@@ -68,7 +70,15 @@ def train(cfg: RunConfig) -> int:
     exact = resume_from is not None and same_layout(state, layout)
     weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
     faults = Faults(place.rank)
+    # Measured (CPU) before the memory report starts: its test matrices are not the run's memory.
+    device_peak = peak_flops(cfg.train.peak_flops, device_type, precision)
+    memory = MemoryReport(cfg.profile.memory, cfg.profile.memory_step, run_dir, place, topology, device_type,
+                          layout_record(layout))
+    memory.start()  # before the model exists: the CPU allocation trace must see every tensor it holds
     engine, step_fn, names = build_training_engine(cfg, layout, topology, device_type, precision, weights, faults)
+    memory.watch(engine)
+    profiler = RunProfiler(cfg.profile, run_dir, place.rank)
+    profiler.attach(engine)
     if resume_from is not None:
         if exact:
             restore_same_layout(engine, resume_from, place.rank)
@@ -112,7 +122,7 @@ def train(cfg: RunConfig) -> int:
     steps = cfg.train.steps
     reporter = StepReporter(
         tokens_per_step=tokens_per_step, samples_per_step=layout.global_batch_size,
-        flops_per_token=fpt, peak_flops=peak_flops(cfg.train.peak_flops, device_type, precision),
+        flops_per_token=fpt, peak_flops=device_peak,
         world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
         dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
     )
@@ -124,7 +134,7 @@ def train(cfg: RunConfig) -> int:
         problem = save_checkpoint(saver, step, {
             "format": 1, "step": step, "data_state": position.state, "config": cfg.to_dict(),
             "config_digest": cfg.digest(), "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id,
-            "layout": {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")},
+            "layout": layout_record(layout),
         }, keep=cfg.checkpoint.keep)
         if problem:
             log.error(f"checkpoint of step {step} not saved: {problem}; the previous checkpoints are kept and "
@@ -137,11 +147,14 @@ def train(cfg: RunConfig) -> int:
         done = step + 1
         loss = step_fn(batches, done)
         reporter.add(done, loss, lr, engine.get_global_grad_norm())
+        memory.after_step(done - start_step, done, log, tracker)  # the N-th step of this process
         faults.at("kill", done)
         last = done == steps
         if done % cfg.train.log_every == 0 or last or cfg.train.max_bad_steps < cfg.train.log_every:
             reporter.flush()
         if reporter.consecutive_bad >= cfg.train.max_bad_steps:
+            memory.finish()
+            profiler.finish()
             return _stop_on_bad_steps(cfg, reporter, run_dir, metrics, tracker, loader, log, done)
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
@@ -155,6 +168,8 @@ def train(cfg: RunConfig) -> int:
             break
 
     reporter.close()
+    memory.finish()
+    profiler.finish()
     if stopped_by:
         if place.is_main:
             metrics.close()
@@ -175,6 +190,10 @@ def train(cfg: RunConfig) -> int:
         log.info(f"gptdist | finished {steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     torch.distributed.barrier()
     return 0
+
+
+def layout_record(layout: Layout) -> Dict[str, int]:
+    return {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")}
 
 
 def _quiet_warnings(is_main: bool) -> None:

@@ -16,7 +16,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        # A ZeRO-3 parameter holds only its partition (a flat tensor); its real shape is ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (decay if ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -1,1 +1,0 @@
-"""The PYTHONPATH folder of `gptdist bench parallel`'s measurement hook (see sitecustomize.py here)."""

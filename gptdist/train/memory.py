@@ -1,0 +1,340 @@
+"""What each rank holds in memory, measured: the per-rank memory report in RUN_DIR/memory/rank_<r>.json.
+
+Three measurements, each from a different place, so that they check each other:
+
+* model states, by kind and dtype: every tensor the engine keeps, found by walking the module's parameters and
+  gradients, the optimizer's state and DeepSpeed's own optimizer object (ZeRO flat buffers, fp32 master
+  partitions, gradient buckets), each storage counted once. Kinds: params, grads, master (fp32 copies the
+  optimizer updates), optimizer (Adam moments), buffers (anything else DeepSpeed holds: reduce buckets...).
+  Taken at the moment the optimizer of step N (profile.memory_step, default 2) starts, when gradients and Adam
+  state exist together, and again after the engine is built and at the end.
+* live tensor bytes and their peak: on a GPU, the caching allocator's counters (memory_allocated,
+  max_memory_allocated, max_memory_reserved). On a CPU there are no such counters; every allocation and free of
+  torch's CPU allocator is traced instead (torch.profiler's memory events) from before the model is built until
+  step N, and the running sum gives live bytes and their peak at each moment. The trace stops at step N, since
+  later steps repeat the same pattern and the trace costs time; `peak_live_bytes` is therefore the peak up to
+  step N (`peak_live_until`).
+* the process as the OS sees it: VmRSS and VmHWM (peak resident set) from /proc/self/status, which includes what
+  torch does not allocate (Python, libraries, communication buffers).
+
+Rank 0 prints one line (largest and smallest rank) after step N and logs the same numbers to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+KINDS = ("params", "grads", "master", "optimizer", "buffers")
+
+
+# ---------------------------------------------------------------------------------------------- the model states
+
+
+def base_optimizer(engine) -> Optional[torch.optim.Optimizer]:
+    """The torch optimizer that does the update, below DeepSpeed's wrappers (ZeRO, bf16)."""
+    opt = getattr(engine, "optimizer", None)
+    seen = set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, torch.optim.Optimizer) and not isinstance(inner, torch.optim.Optimizer):
+            return opt
+        if inner is None:
+            return opt if isinstance(opt, torch.optim.Optimizer) else None
+        opt = inner
+    return None
+
+
+class _Inventory:
+    def __init__(self) -> None:
+        self.seen: Dict[Tuple[str, int], str] = {}
+        self.bytes: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, tensor: Any, kind: str) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        size = storage.nbytes()
+        key = (str(tensor.device), storage.data_ptr())
+        if size == 0 or key in self.seen:
+            return
+        self.seen[key] = kind
+        self.bytes[kind][str(tensor.dtype).replace("torch.", "")] += size
+
+    def walk(self, obj: Any, kind_of: Callable[[str], str], path: str = "", visited: Optional[set] = None) -> None:
+        """Every tensor reachable from a DeepSpeed optimizer object, through its attributes and containers."""
+        visited = set() if visited is None else visited
+        if isinstance(obj, torch.Tensor):
+            self.add(obj, kind_of(path))
+            self.add(obj.grad if obj.is_leaf else None, "grads")
+            return
+        if id(obj) in visited or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+            return
+        visited.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                self.walk(value, kind_of, f"{path}.{key}" if not isinstance(key, torch.Tensor) else path, visited)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for value in obj:
+                self.walk(value, kind_of, path, visited)
+        elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
+            for key, value in vars(obj).items():
+                self.walk(value, kind_of, f"{path}.{key}", visited)
+
+    def totals(self) -> Dict[str, Dict[str, int]]:
+        return {kind: dict(self.bytes[kind]) for kind in KINDS if self.bytes.get(kind)}
+
+
+def model_state_bytes(engine) -> Dict[str, Dict[str, int]]:
+    """{kind: {dtype: bytes}} of every tensor the engine keeps for the model (see the module docstring)."""
+    inv = _Inventory()
+    params = list(engine.module.parameters())
+    for p in params:
+        inv.add(p, "params")
+        inv.add(getattr(p, "ds_tensor", None), "params")
+    for p in params:
+        inv.add(p.grad, "grads")
+    base = base_optimizer(engine)
+    if base is not None:
+        # What the optimizer updates: its state's keys (every group that has stepped) and its groups' parameters
+        # (DeepSpeed's ZeRO steps one group at a time, so param_groups may list only the current one).
+        updated = list(base.state.keys()) + [p for group in base.param_groups for p in group["params"]]
+        for p in updated:
+            inv.add(p, "master")
+            inv.add(p.grad, "grads")
+        for state in base.state.values():
+            for value in state.values():
+                inv.add(value, "optimizer")
+    wrapper = getattr(engine, "optimizer", None)
+    if wrapper is not None and wrapper is not base:
+        inv.walk(wrapper, lambda path: "grads" if "grad" in path.lower() else "buffers")
+    return inv.totals()
+
+
+def total(by_kind: Dict[str, Dict[str, int]]) -> int:
+    return sum(sum(d.values()) for d in by_kind.values())
+
+
+# ------------------------------------------------------------------------------------------- live tensor bytes
+
+
+class CpuAllocationTrace:
+    """Every allocation and free of torch's CPU allocator between start() and stop(), as a running sum.
+
+    torch.profiler reports them as "[memory]" events (bytes, + or -) when profile_memory is on; the running sum
+    from the start is the bytes of live tensors allocated since then, and its maximum their peak. A free of a
+    block allocated before the start is not reported (the allocator does not know its size), so start early:
+    before the model exists, the only live tensors are the few torch made at import."""
+
+    def __init__(self) -> None:
+        self._prof = None
+        self._marks: List[Tuple[str, int]] = []
+        self.result: Dict[str, Dict[str, int]] = {}
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+        self._prof.start()
+
+    @property
+    def running(self) -> bool:
+        return self._prof is not None
+
+    def mark(self, label: str) -> None:
+        if self._prof is not None:
+            self._marks.append((label, time.time_ns()))  # the profiler's event clock is the Unix epoch in ns
+
+    def stop(self) -> Dict[str, Dict[str, int]]:
+        """{label: {"live": bytes at the mark, "peak": highest live bytes up to the mark}}."""
+        if self._prof is None:
+            return self.result
+        prof, self._prof = self._prof, None
+        prof.stop()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        del prof
+        live = peak = 0
+        i = 0
+        for label, at in sorted(self._marks, key=lambda m: m[1]):
+            while i < len(events) and events[i][0] <= at:
+                live += events[i][1]
+                peak = max(peak, live)
+                i += 1
+            self.result[label] = {"live": live, "peak": peak}
+        return self.result
+
+
+def process_memory() -> Dict[str, int]:
+    """VmRSS and VmHWM of this process in bytes, from /proc (empty where there is no /proc)."""
+    out: Dict[str, int] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out["rss_bytes" if key == "VmRSS" else "peak_rss_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- the report
+
+
+class MemoryReport:
+    """One rank's memory report. Call start() before the model is built, watch(engine) once it is, after_step()
+    after every optimizer step, and finish() at the end."""
+
+    def __init__(self, enabled: bool, step: int, run_dir: Path, place, topology, device_type: str,
+                 layout: Dict[str, Any]) -> None:
+        self.enabled, self.step = enabled, step
+        self.folder = run_dir / "memory"
+        self.rank = place.rank
+        self.device_type = device_type
+        self.record: Dict[str, Any] = {
+            "rank": place.rank, "tp_rank": topology.tp_rank, "pp_rank": topology.pp_rank,
+            "dp_rank": topology.dp_rank, "device": device_type, "layout": layout, "memory_step": step,
+            "snapshots": {},
+        }
+        self._trace = CpuAllocationTrace() if enabled and device_type == "cpu" else None
+        self._engine = None
+        self._pending: Optional[Dict[str, Dict[str, int]]] = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        if self._trace is not None:
+            self._trace.start()
+        elif self.device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def watch(self, engine) -> None:
+        if not self.enabled:
+            return
+        self._engine = engine
+        self._snapshot("engine_built")
+        base = base_optimizer(engine)
+        if base is not None:
+            first = engine.global_steps + self.step - 1  # the engine's step count when step N's update starts
+
+            def before_update(optimizer, args, kwargs) -> None:
+                # DeepSpeed's ZeRO calls the optimizer once per parameter group: the first call of step N is the
+                # moment gradients and optimizer state all exist: what "model states" means.
+                if self._pending is None and engine.global_steps == first:
+                    self._pending = model_state_bytes(engine)
+                    self._mark("optimizer_step")
+
+            self._hook = base.register_step_pre_hook(before_update)
+
+    def after_step(self, step: int, global_step: int, log=None, tracker=None) -> None:
+        """`step`: optimizer steps done by this process (a resumed run counts from its start), `global_step`: the
+        run's step number."""
+        if not self.enabled or step != self.step:
+            return
+        self.record["global_step"] = global_step
+        self._snapshot(f"step_{step}")
+        if self._trace is not None:
+            traced = self._trace.stop()
+            for label, values in traced.items():
+                snap = self.record["snapshots"].setdefault(label, {})
+                snap.update(live_bytes=values["live"], peak_live_bytes=values["peak"])
+            self.record["peak_live_until"] = f"step_{step}"
+        if self._pending is not None:
+            self.record["snapshots"].setdefault("optimizer_step", {})["by_kind"] = self._pending
+        self.record["model_state_bytes"] = total(self._pending or {})
+        self.record["model_state_by_kind"] = self._pending or {}
+        peaks = [s["peak_live_bytes"] for s in self.record["snapshots"].values() if "peak_live_bytes" in s]
+        if peaks:
+            self.record["peak_live_bytes"] = max(peaks)
+        self._summary(log, tracker, global_step)
+        self._write()
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        if self._trace is not None and self._trace.running:  # a run shorter than the memory step
+            self._trace.stop()
+        if self._engine is not None:
+            self._snapshot("end")
+        self._write()
+
+    # -------------------------------------------------------------------------------------------------- inner
+
+    def _mark(self, label: str) -> None:
+        if self._trace is not None:
+            self._trace.mark(label)
+
+    def _snapshot(self, label: str) -> None:
+        snap: Dict[str, Any] = {"by_kind": model_state_bytes(self._engine), **process_memory()}
+        snap["model_state_bytes"] = total(snap["by_kind"])
+        if self.device_type == "cuda":
+            snap.update(live_bytes=torch.cuda.memory_allocated(), peak_live_bytes=torch.cuda.max_memory_allocated(),
+                        peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        self.record["snapshots"][label] = snap
+        self._mark(label)
+        peaks = [s["peak_live_bytes"] for s in self.record["snapshots"].values() if "peak_live_bytes" in s]
+        if peaks:
+            self.record["peak_live_bytes"] = max(peaks)
+        self.record["peak_rss_bytes"] = snap.get("peak_rss_bytes")
+
+    def _write(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        snaps = self.record["snapshots"].values()
+        peaks = [s["peak_live_bytes"] for s in snaps if "peak_live_bytes" in s]
+        if peaks:
+            self.record["peak_live_bytes"] = max(peaks)
+        self.record["peak_rss_bytes"] = process_memory().get("peak_rss_bytes")
+        tmp = self.folder / f".rank_{self.rank}.json.tmp"
+        tmp.write_text(json.dumps(self.record, indent=1))
+        os.replace(tmp, self.folder / f"rank_{self.rank}.json")
+
+    def _summary(self, log, tracker, step: int) -> None:
+        """Collective: the largest and smallest rank of each figure, printed and logged by rank 0."""
+        import torch.distributed as dist
+
+        mine = {"model_states": self.record.get("model_state_bytes") or 0,
+                "peak_live": self.record.get("peak_live_bytes") or 0,
+                "peak_rss": process_memory().get("peak_rss_bytes") or 0}
+        everyone: List[Optional[Dict[str, int]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if self.rank != 0:
+            return
+        parts, metrics = [], {"step": step}
+        for key, label in (("model_states", "model states"), ("peak_live", "peak live tensors"),
+                           ("peak_rss", "peak RSS")):
+            values = [(e[key], r) for r, e in enumerate(everyone)]
+            (hi, hi_rank), (lo, lo_rank) = max(values), min(values)
+            parts.append(f"{label} {_gib(hi)} (rank {hi_rank}) .. {_gib(lo)} (rank {lo_rank})")
+            metrics[f"memory/{key}_max_bytes"], metrics[f"memory/{key}_min_bytes"] = hi, lo
+        if log is not None:
+            log.info(f"gptdist | memory per rank at step {step}: " + "; ".join(parts))
+        if tracker is not None:
+            tracker.log_metrics([metrics])
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def read_reports(run_dir: Path) -> Dict[int, Dict[str, Any]]:
+    """Every rank's report of a run, by rank."""
+    out = {}
+    for path in sorted((run_dir / "memory").glob("rank_*.json")):
+        record = json.loads(path.read_text())
+        out[int(record["rank"])] = record
+    return out
+
+
+def figures(records: Iterable[Dict[str, Any]], key: str) -> List[int]:
+    return [int(r.get(key) or 0) for r in records]
