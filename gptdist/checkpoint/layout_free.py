@@ -16,7 +16,8 @@ Memory, both ways. Writing: the data-parallel ranks of each (tp, pp) take the pa
 to data-parallel rank i mod dp), and each writes a file whenever its buffer passes FILE_BYTES, so no rank holds more
 than about that much of the copy at once (plus the one parameter being gathered). Reading: a rank reads only the
 tensors of its own stage, and of each only the rows or columns of its own tensor-parallel piece (safetensors
-slices), whatever the writer's layout; the file holding each tensor is found from the files' headers.
+slices, read with plain positioned reads rather than a memory map: safetensors_slices.py), whatever the writer's
+layout; the file holding each tensor is found from the files' headers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from gptdist.checkpoint.safetensors_slices import SafetensorsFile
 from gptdist.parallel.tp_shard import Partition, shard, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -127,6 +129,22 @@ def merge_index(folder: Path, tp: int, pp: int) -> None:
     (folder / "index.json").write_text(json.dumps({"tp": tp, "pp": pp, "params": params}, indent=1))
 
 
+class _Slice:
+    """One saved tensor: its shape, and reads of all of it or of one range along one dimension."""
+
+    def __init__(self, file: SafetensorsFile, name: str) -> None:
+        self.file, self.name = file, name
+
+    def get_shape(self) -> Tuple[int, ...]:
+        return self.file.shape(self.name)
+
+    def all(self) -> torch.Tensor:
+        return self.file.read(self.name)
+
+    def range(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.file.read(self.name, dim, start, stop)
+
+
 class LayoutFreeReader:
     """Tensors by canonical name, whole or as one tensor-parallel piece, from whatever layout wrote them. Reads
     only the files' headers up front and then the bytes asked for."""
@@ -134,30 +152,20 @@ class LayoutFreeReader:
     def __init__(self, folder: Path):
         index = json.loads((folder / "index.json").read_text())
         self.folder, self.tp, self.pp, self.params = folder, index["tp"], index["pp"], index["params"]
-        self._open: Dict[str, object] = {}
-        self._where: Dict[Tuple[int, str], str] = {}  # (tensor-parallel rank, tensor name) -> file name
-        from safetensors import safe_open
-
+        self._where: Dict[Tuple[int, str], SafetensorsFile] = {}  # (tensor-parallel rank, tensor name) -> file
         for path in sorted(folder.glob("*.safetensors")):
             match = _FILE_NAME.match(path.name)
             if match is None:
                 continue
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():
-                    self._where[(int(match.group(1)), key)] = path.name
+            file = SafetensorsFile(path)
+            for key in file.keys():
+                self._where[(int(match.group(1)), key)] = file
 
-    def _file(self, file_name: str):
-        from safetensors import safe_open
-
-        if file_name not in self._open:
-            self._open[file_name] = safe_open(str(self.folder / file_name), framework="pt")
-        return self._open[file_name]
-
-    def _slice(self, tp_rank: int, tensor_name: str):
-        where = self._where.get((tp_rank, tensor_name))
-        if where is None:
+    def _slice(self, tp_rank: int, tensor_name: str) -> "_Slice":
+        file = self._where.get((tp_rank, tensor_name))
+        if file is None:
             raise ValueError(f"{self.folder}: no file holds {tensor_name!r} of tensor-parallel rank {tp_rank}")
-        return self._file(where).get_slice(tensor_name)
+        return _Slice(file, tensor_name)
 
     def names(self) -> List[str]:
         return list(self.params)
@@ -174,7 +182,7 @@ class LayoutFreeReader:
         """The full weight (key None) or Adam moment (key 'exp_avg' / 'exp_avg_sq') of `name`."""
         tensor_name = name if key is None else f"{key}/{name}"
         part, pieces = self._saved(name)
-        return unshard([self._slice(r, tensor_name)[:] for r in range(pieces)], part)
+        return unshard([self._slice(r, tensor_name).all() for r in range(pieces)], part)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {name: self.full(name) for name in self.names()}
@@ -199,9 +207,7 @@ class LayoutFreeReader:
                 a, b = max(lo, q * have), min(hi, (q + 1) * have)
                 if a < b:  # saved piece q holds rows [q*have, (q+1)*have) of each chunk, chunk after chunk
                     base = chunk * have - q * have
-                    index = tuple(slice(base + a, base + b) if d == dim else slice(None)
-                                  for d in range(len(slices[q].get_shape())))
-                    parts.append(slices[q][index])
+                    parts.append(slices[q].range(dim, base + a, base + b))
         return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
 
     def piece(self, name: str, param: torch.Tensor, tp_rank: int, tp: int, key: Optional[str] = None) -> torch.Tensor:

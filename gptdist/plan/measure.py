@@ -48,12 +48,12 @@ class RankWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.marker, self.interval = marker, interval
         self.hwm: Dict[int, int] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.poll()
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
         self.poll()
 
     def poll(self) -> None:
@@ -78,7 +78,7 @@ class RankWatcher(threading.Thread):
                     self.hwm[rank] = max(self.hwm.get(rank, 0), value)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 

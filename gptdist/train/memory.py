@@ -8,12 +8,11 @@ Three measurements, each from a different place, so that they check each other:
   optimizer updates), optimizer (Adam moments), buffers (anything else DeepSpeed holds: reduce buckets...).
   Taken at the moment the optimizer of step N (profile.memory_step, default 2) starts, when gradients and Adam
   state exist together, and again after the engine is built and at the end.
-* live tensor bytes and their peak: on a GPU, the caching allocator's counters (memory_allocated,
-  max_memory_allocated, max_memory_reserved). On a CPU there are no such counters; every allocation and free of
-  torch's CPU allocator is traced instead (torch.profiler's memory events) from before the model is built until
-  step N, and the running sum gives live bytes and their peak at each moment. The trace stops at step N, since
-  later steps repeat the same pattern and the trace costs time; `peak_live_bytes` is therefore the peak up to
-  step N (`peak_live_until`).
+* live tensor bytes and their peak: on a GPU, the caching allocator's counters; on a CPU, those of gptdist's
+  counting CPU allocator (train/live_bytes.py), installed before the model is built, so every tensor the run makes
+  is counted, on every thread. Until step N the run is also cut into phases (construction, each forward, backward,
+  optimizer call) and each phase's peak is kept, so a report says where the memory went; the overall peak covers
+  the whole run.
 * the process as the OS sees it: VmRSS and VmHWM (peak resident set) from /proc/self/status, which includes what
   torch does not allocate (Python, libraries, communication buffers).
 
@@ -24,12 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+from gptdist.train.live_bytes import LiveBytes, build_problem
 
 KINDS = ("params", "grads", "master", "optimizer", "buffers")
 
@@ -128,51 +128,32 @@ def total(by_kind: Dict[str, Dict[str, int]]) -> int:
 # ------------------------------------------------------------------------------------------- live tensor bytes
 
 
-class CpuAllocationTrace:
-    """Every allocation and free of torch's CPU allocator between start() and stop(), as a running sum.
+class PhaseTracker:
+    """Live tensor bytes at marks, and the peak of each phase between two marks (train/live_bytes.py counts)."""
 
-    torch.profiler reports them as "[memory]" events (bytes, + or -) when profile_memory is on; the running sum
-    from the start is the bytes of live tensors allocated since then, and its maximum their peak. A free of a
-    block allocated before the start is not reported (the allocator does not know its size), so start early:
-    before the model exists, the only live tensors are the few torch made at import."""
+    def __init__(self, live: LiveBytes) -> None:
+        self.live = live
+        self.phases: List[Dict[str, Any]] = []
+        self.overall = 0
+        self.recording = True  # phases are kept until the memory step; the overall peak for the whole run
+        self._current: Optional[Tuple[str, int]] = None
 
-    def __init__(self) -> None:
-        self._prof = None
-        self._marks: List[Tuple[str, int]] = []
-        self.result: Dict[str, Dict[str, int]] = {}
+    def mark(self, label: str) -> Dict[str, int]:
+        now, peak = self.live.read()
+        self.overall = max(self.overall, peak)
+        if self.recording:
+            if self._current is not None:
+                self.phases.append({"phase": self._current[0], "start_live": self._current[1], "peak_live": peak})
+            self._current = (label, now)
+            self.live.reset_peak()
+        return {"live": now, "peak": self.overall}
 
-    def start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
+    def stop_phases(self) -> None:
+        self.mark("end of phases")
+        self.recording = False
 
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
-        self._prof.start()
-
-    @property
-    def running(self) -> bool:
-        return self._prof is not None
-
-    def mark(self, label: str) -> None:
-        if self._prof is not None:
-            self._marks.append((label, time.time_ns()))  # the profiler's event clock is the Unix epoch in ns
-
-    def stop(self) -> Dict[str, Dict[str, int]]:
-        """{label: {"live": bytes at the mark, "peak": highest live bytes up to the mark}}."""
-        if self._prof is None:
-            return self.result
-        prof, self._prof = self._prof, None
-        prof.stop()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-        del prof
-        live = peak = 0
-        i = 0
-        for label, at in sorted(self._marks, key=lambda m: m[1]):
-            while i < len(events) and events[i][0] <= at:
-                live += events[i][1]
-                peak = max(peak, live)
-                i += 1
-            self.result[label] = {"live": live, "peak": peak}
-        return self.result
+    def peak(self) -> int:
+        return max(self.overall, self.live.read()[1])
 
 
 def process_memory() -> Dict[str, int]:
@@ -207,17 +188,20 @@ class MemoryReport:
             "dp_rank": topology.dp_rank, "device": device_type, "layout": layout, "memory_step": step,
             "snapshots": {},
         }
-        self._trace = CpuAllocationTrace() if enabled and device_type == "cpu" else None
+        self._tracker: Optional[PhaseTracker] = None
         self._engine = None
+        self._hooks: list = []
         self._pending: Optional[Dict[str, Dict[str, int]]] = None
 
     def start(self) -> None:
         if not self.enabled:
             return
-        if self._trace is not None:
-            self._trace.start()
-        elif self.device_type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        live = LiveBytes(self.device_type)
+        if live.available:
+            self._tracker = PhaseTracker(live)
+            self._tracker.mark("@build")
+        else:
+            self.record["live_bytes_unavailable"] = build_problem() or f"no live-bytes counter on {self.device_type}"
 
     def watch(self, engine) -> None:
         if not self.enabled:
@@ -233,9 +217,36 @@ class MemoryReport:
                 # moment gradients and optimizer state all exist: what "model states" means.
                 if self._pending is None and engine.global_steps == first:
                     self._pending = model_state_bytes(engine)
-                    self._mark("optimizer_step")
+                    marked = self._mark("optimizer_step")
+                    if marked is not None:
+                        self.record["snapshots"]["optimizer_step"] = {"live_bytes": marked["live"]}
 
-            self._hook = base.register_step_pre_hook(before_update)
+            self._hooks = [base.register_step_pre_hook(before_update)]
+        if self._tracker is not None:
+            self._hooks += self._phase_marks(engine, base)
+
+    def _phase_marks(self, engine, base) -> list:
+        """Marks (named "@...") at every forward, backward and optimizer call until the memory step, so the report
+        can say in which phase each peak was."""
+        trace = self._tracker
+
+        # Every hook returns None: a value would replace the arguments, outputs or gradients it is given.
+        def marker(label):
+            def hook(*_):
+                trace.mark(label)
+            return hook
+
+        def forward_ends(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(marker("@backward"))  # runs with the first gradient of backward
+
+        hooks = [engine.module.register_forward_pre_hook(marker("@forward")),
+                 engine.module.register_forward_hook(forward_ends)]
+        if base is not None:
+            hooks.append(base.register_step_pre_hook(marker("@optimizer")))
+            hooks.append(base.register_step_post_hook(marker("@after optimizer")))
+        return hooks
 
     def after_step(self, step: int, global_step: int, log=None, tracker=None) -> None:
         """`step`: optimizer steps done by this process (a resumed run counts from its start), `global_step`: the
@@ -244,57 +255,51 @@ class MemoryReport:
             return
         self.record["global_step"] = global_step
         self._snapshot(f"step_{step}")
-        if self._trace is not None:
-            traced = self._trace.stop()
-            for label, values in traced.items():
-                snap = self.record["snapshots"].setdefault(label, {})
-                snap.update(live_bytes=values["live"], peak_live_bytes=values["peak"])
-            self.record["peak_live_until"] = f"step_{step}"
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._tracker is not None:
+            self._tracker.stop_phases()
+            self.record["phases"] = self._tracker.phases
         if self._pending is not None:
-            self.record["snapshots"].setdefault("optimizer_step", {})["by_kind"] = self._pending
+            snap = self.record["snapshots"].setdefault("optimizer_step", {})
+            snap.update(by_kind=self._pending, model_state_bytes=total(self._pending))
         self.record["model_state_bytes"] = total(self._pending or {})
         self.record["model_state_by_kind"] = self._pending or {}
-        peaks = [s["peak_live_bytes"] for s in self.record["snapshots"].values() if "peak_live_bytes" in s]
-        if peaks:
-            self.record["peak_live_bytes"] = max(peaks)
         self._summary(log, tracker, global_step)
         self._write()
 
     def finish(self) -> None:
         if not self.enabled:
             return
-        if self._trace is not None and self._trace.running:  # a run shorter than the memory step
-            self._trace.stop()
         if self._engine is not None:
             self._snapshot("end")
         self._write()
 
     # -------------------------------------------------------------------------------------------------- inner
 
-    def _mark(self, label: str) -> None:
-        if self._trace is not None:
-            self._trace.mark(label)
+    def _mark(self, label: str) -> Optional[Dict[str, int]]:
+        return self._tracker.mark(label) if self._tracker is not None else None
 
     def _snapshot(self, label: str) -> None:
         snap: Dict[str, Any] = {"by_kind": model_state_bytes(self._engine), **process_memory()}
         snap["model_state_bytes"] = total(snap["by_kind"])
+        marked = self._mark(label)
+        if marked is not None:
+            snap.update(live_bytes=marked["live"], peak_live_bytes=marked["peak"])
         if self.device_type == "cuda":
-            snap.update(live_bytes=torch.cuda.memory_allocated(), peak_live_bytes=torch.cuda.max_memory_allocated(),
-                        peak_reserved_bytes=torch.cuda.max_memory_reserved())
+            snap["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         self.record["snapshots"][label] = snap
-        self._mark(label)
-        peaks = [s["peak_live_bytes"] for s in self.record["snapshots"].values() if "peak_live_bytes" in s]
-        if peaks:
-            self.record["peak_live_bytes"] = max(peaks)
-        self.record["peak_rss_bytes"] = snap.get("peak_rss_bytes")
+        self._update_peaks()
+
+    def _update_peaks(self) -> None:
+        if self._tracker is not None:
+            self.record["peak_live_bytes"] = self._tracker.peak()
+        self.record["peak_rss_bytes"] = process_memory().get("peak_rss_bytes")
 
     def _write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        snaps = self.record["snapshots"].values()
-        peaks = [s["peak_live_bytes"] for s in snaps if "peak_live_bytes" in s]
-        if peaks:
-            self.record["peak_live_bytes"] = max(peaks)
-        self.record["peak_rss_bytes"] = process_memory().get("peak_rss_bytes")
+        self._update_peaks()
         tmp = self.folder / f".rank_{self.rank}.json.tmp"
         tmp.write_text(json.dumps(self.record, indent=1))
         os.replace(tmp, self.folder / f"rank_{self.rank}.json")

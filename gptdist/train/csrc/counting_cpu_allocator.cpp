@@ -1,0 +1,89 @@
+// A CPU allocator that counts: bytes of live tensors and their peak, across every thread.
+//
+// torch keeps such counters for CUDA (torch.cuda.memory_allocated / max_memory_allocated) but not for the CPU, and
+// torch.profiler's memory events are recorded per thread, so a tensor made on one thread and freed on another (gloo's
+// worker threads release collective buffers) is never seen to go. Installed as the process's CPU allocator, this
+// one counts at the only place every CPU tensor passes through. Each block carries its size in a 64-byte header in
+// front of the data, so the data keeps c10's 64-byte alignment and a free needs no lookup.
+#include <torch/extension.h>
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace {
+
+constexpr size_t kHeader = 64;  // >= c10::gAlignment, so data stays aligned like c10's own
+static_assert(kHeader % c10::gAlignment == 0, "header must keep c10's alignment");
+
+std::atomic<int64_t> g_live{0};
+std::atomic<int64_t> g_peak{0};
+std::atomic<int64_t> g_allocations{0};
+
+void raise_peak(int64_t now) {
+  int64_t seen = g_peak.load(std::memory_order_relaxed);
+  while (now > seen && !g_peak.compare_exchange_weak(seen, now, std::memory_order_relaxed)) {
+  }
+}
+
+void counting_free(void* data) {
+  if (data == nullptr) {
+    return;
+  }
+  char* base = static_cast<char*>(data) - kHeader;
+  const int64_t size = *reinterpret_cast<int64_t*>(base);
+  g_live.fetch_sub(size, std::memory_order_relaxed);
+  c10::free_cpu(base);
+}
+
+struct CountingCPUAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    void* base = c10::alloc_cpu(nbytes + kHeader);
+    *reinterpret_cast<int64_t*>(base) = static_cast<int64_t>(nbytes);
+    void* data = static_cast<char*>(base) + kHeader;
+    const int64_t now = g_live.fetch_add(static_cast<int64_t>(nbytes), std::memory_order_relaxed) + nbytes;
+    g_allocations.fetch_add(1, std::memory_order_relaxed);
+    raise_peak(now);
+    return {data, data, &counting_free, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &counting_free;
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+CountingCPUAllocator g_allocator;
+bool g_installed = false;
+
+void install() {
+  if (!g_installed) {
+    // Priority above the default allocator's, so GetCPUAllocator() returns this one from now on.
+    c10::SetCPUAllocator(&g_allocator, /*priority=*/100);
+    g_installed = true;
+  }
+}
+
+// (live bytes, peak bytes since the last reset, allocations so far)
+std::tuple<int64_t, int64_t, int64_t> stats() {
+  return {g_live.load(), g_peak.load(), g_allocations.load()};
+}
+
+void reset_peak() {
+  g_peak.store(g_live.load());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("install", &install, "make the counting allocator the process's CPU allocator");
+  m.def("stats", &stats, "(live bytes, peak bytes since the last reset, allocations)");
+  m.def("reset_peak", &reset_peak, "start a new peak at the current live bytes");
+}

@@ -1,0 +1,89 @@
+"""Bytes of live tensors and their peak, on the device a rank trains on.
+
+CUDA has these counters (torch.cuda.memory_allocated / max_memory_allocated / reset_peak_memory_stats). The CPU has
+none, and torch.profiler's memory events are recorded per thread (gloo's worker threads free collective buffers
+that the training thread allocated, so the profiler would see them live forever). On CPU ranks gptdist therefore
+installs a counting allocator (csrc/counting_cpu_allocator.cpp, built once per machine with torch's extension
+builder and cached under TORCH_EXTENSIONS_DIR, like DeepSpeed's own CPU ops): every CPU tensor allocated after
+`install` is counted when it is made and when it is freed, on any thread.
+
+`bash launch/setup.sh` builds it on machines without a GPU, so a first run does not wait for the compiler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+log = logging.getLogger("gptdist.memory")
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "counting_cpu_allocator.cpp"
+_EXTENSION = None
+_FAILED: Optional[str] = None
+
+
+def counting_allocator():
+    """The built extension module (None, with the reason in `build_problem()`, where it cannot be built)."""
+    global _EXTENSION, _FAILED
+    if _EXTENSION is None and _FAILED is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            _EXTENSION = load(name="gptdist_counting_cpu_allocator", sources=[str(_SOURCE)],
+                              extra_cflags=["-O2"], verbose=False)
+        except Exception as exc:  # noqa: BLE001 - no compiler, no headers: report RSS only, never fail a run
+            _FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return _EXTENSION
+
+
+def build_problem() -> Optional[str]:
+    return _FAILED
+
+
+class LiveBytes:
+    """live() and peak() since the last reset_peak(), for this rank's device; `available` is False where neither
+    counter exists (a CPU rank whose counting allocator could not be built)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self._ext = None
+        if device_type == "cpu":
+            self._ext = counting_allocator()
+            if self._ext is not None:
+                self._ext.install()
+        self.available = device_type == "cuda" or self._ext is not None
+
+    def read(self) -> Tuple[int, int]:
+        """(live bytes, peak bytes since the last reset)."""
+        if self.device_type == "cuda":
+            return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        if self._ext is not None:
+            live, peak, _ = self._ext.stats()
+            return int(live), int(peak)
+        return 0, 0
+
+    def reset_peak(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self._ext is not None:
+            self._ext.reset_peak()
+
+    def reserved_peak(self) -> Optional[int]:
+        return torch.cuda.max_memory_reserved() if self.device_type == "cuda" else None
+
+
+def main() -> int:
+    """`python -m gptdist.train.live_bytes`: build the CPU counting allocator now (launch/setup.sh does)."""
+    if counting_allocator() is None:
+        print(f"gptdist: the CPU memory counter could not be built ({build_problem()}); memory reports will show "
+              "peak RSS only", flush=True)
+        return 0
+    print(f"gptdist: CPU memory counter built ({os.environ.get('TORCH_EXTENSIONS_DIR') or 'torch extensions cache'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
