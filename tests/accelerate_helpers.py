@@ -31,7 +31,8 @@ def open_recipe(path: Path, corpus, tokenizer, run_dir: Path, unset: Iterable[st
 
 
 def accelerate_yaml(path: Path, **fields) -> Path:
-    """An accelerate config file like the ones `accelerate config` writes for DeepSpeed on one machine."""
+    """An accelerate config file like the ones `accelerate config` writes for DeepSpeed on one machine; FIELDS
+    replace its values (a dict is merged into the one there; None removes a key, also inside such a dict)."""
     config = {"compute_environment": "LOCAL_MACHINE", "debug": False, "distributed_type": "DEEPSPEED",
               "downcast_bf16": "no", "machine_rank": 0, "main_training_function": "main", "mixed_precision": "no",
               "num_machines": 1, "num_processes": 2, "rdzv_backend": "static", "same_network": True, "tpu_env": [],
@@ -40,7 +41,8 @@ def accelerate_yaml(path: Path, **fields) -> Path:
                                    "offload_param_device": "none", "zero3_init_flag": False, "zero_stage": 2}}
     for key, value in fields.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
+            merged = {**config[key], **value}
+            config[key] = {k: v for k, v in merged.items() if v is not None}
         elif value is None:
             config.pop(key, None)
         else:

@@ -53,9 +53,9 @@ def as_rank(monkeypatch):
     return apply
 
 
-def _refused(capsys, recipe: Path, *args: str) -> str:
-    """`gptdist train RECIPE ARGS` in this process (the same main() a rank runs): exit 2 and exactly one line."""
-    code = main(["train", str(recipe), *args])
+def _refused(capsys, recipe: Path, *args: str, before=()) -> str:
+    """`gptdist [BEFORE] train RECIPE ARGS` in this process (the same main() a rank runs): exit 2 and one line."""
+    code = main([*before, "train", str(recipe), *args])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -233,14 +233,14 @@ def test_non_standard_multinode_launcher_and_its_local_rank(recipe, env_of, as_r
                  "--main_process_ip", "127.0.0.1", "--main_process_port", "29556",
                  "--deepspeed_multinode_launcher", "nossh", "--deepspeed_hostfile", str(hostfile))
     as_rank(env)
-    line = _refused(capsys, recipe, "--local_rank=0")  # what the deepspeed launcher appends under nossh
+    line = _refused(capsys, recipe, before=["--local_rank=0"])  # where the deepspeed launcher puts it under nossh
     assert "through the deepspeed launcher" in line and "--local_rank=0" in line and ".deepspeed_env" in line
     assert "--deepspeed_multinode_launcher standard" in line
 
 
 def test_local_rank_is_checked_against_the_environment(recipe, as_rank, capsys):
     as_rank({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "CROSS_RANK": "0"})
-    line = _refused(capsys, recipe, "--local_rank=1")
+    line = _refused(capsys, recipe, before=["--local_rank=1"])
     assert "--local_rank=1 but LOCAL_RANK='0'" in line and "--no_local_rank" in line
     cfg = resolve_run_config(str(recipe), [], env={"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, local_rank_arg=1)
     assert cfg.parallel.tp == 1  # the deepspeed launcher's default --local_rank=N agrees: accepted

@@ -14,8 +14,6 @@ def register_train_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     _add_accelerate_config(train)
-    # Appended by the deepspeed launcher when it is started without --no_local_rank; checked against LOCAL_RANK.
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_run_train)
 
     check = sub.add_parser(
