@@ -9,7 +9,7 @@
 # What it adds to a bare `accelerate launch`: the recipe and accelerate's settings are checked once for the whole
 # world before anything starts (one line, exit status 2), every node gets --machine_rank, --same_network and the
 # `standard` launcher (the paths that work, see docs/cluster.md), and SIGTERM, SIGINT and SIGUSR1 ask this node's
-# ranks to save a checkpoint and exit, as with launch/node.sh, instead of torchrun killing them.
+# ranks to save a checkpoint and exit, as with launch/node.sh, instead of torchrun killing them mid-save.
 set -euo pipefail
 usage() { echo "usage: [NODE_RANK=R NUM_NODES=N MASTER_ADDR=A MASTER_PORT=P] launch/accelerate.sh [--accelerate-config FILE] CONFIG [key=value ...]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
@@ -46,7 +46,8 @@ fi
 echo "accelerate.sh: node $node_rank of $num_nodes, $ranks ranks, rendezvous $master_addr:$master_port" >&2
 # As in node.sh: the launcher runs with the stop signals ignored, so that a signal to every process of the node (what
 # Slurm does to a job step) reaches the ranks without ending the launcher under them. torchrun would otherwise catch
-# SIGTERM and SIGINT itself and kill the ranks 30 s later, mid-save; it keeps handling SIGHUP and SIGQUIT.
+# SIGTERM and SIGINT itself, pass them on, kill the ranks 30 s later whether or not their save is done, and fail; it
+# keeps handling SIGHUP and SIGQUIT.
 (
   trap '' TERM INT USR1
   export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT

@@ -316,3 +316,31 @@ def test_launch_script_refuses_a_config_file_it_cannot_start(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"gptdist: accelerate config {file}: num_machines=2, but launch/train.sh starts one node: run launch/node.sh "
         "or launch/accelerate.sh on every node, or launch/hostfile.sh"]
+
+
+def test_hostfile_launcher_refuses_a_file_whose_processes_do_not_fit_its_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-01 slots=8\n")
+    file = accelerate_yaml(tmp_path / "acc.yaml", num_processes=16, deepspeed_config={"deepspeed_hostfile": str(hostfile)})
+    proc = subprocess.run(["bash", "launch/hostfile.sh", "--accelerate-config", str(file), "configs/tiny-cpu.yaml"],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"hostfile.sh: accelerate config {file.resolve()}: num_processes=16 but its hostfile {hostfile} has 8 slots: "
+        "make them agree"]
+
+
+def test_node_launcher_checks_the_file_s_settings_before_starting(tmp_path):
+    """launch/node.sh --accelerate-config: the layout from the file, its settings checked by `gptdist check`."""
+    file = accelerate_yaml(tmp_path / "acc.yaml", num_machines=2, num_processes=4, machine_rank=1,
+                           main_process_ip="127.0.0.1", main_process_port=29999)
+    clean = {k: v for k, v in cpu_env().items()
+             if not k.startswith("SLURM_") and k not in ("NODE_RANK", "NUM_NODES", "NODE_HOSTS", "GPUS_PER_NODE",
+                                                          "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(["bash", "launch/node.sh", "--accelerate-config", str(file), "configs/tiny-cpu.yaml"],
+                          cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # configs/tiny-cpu.yaml says parallel.zero_stage=1; the file's deepspeed_config says zero_stage 2.
+    assert proc.stderr.strip().splitlines() == [
+        f"gptdist: accelerate config {file.resolve()}: deepspeed_config.zero_stage=2 contradicts parallel.zero_stage=1 "
+        "of the recipe: make them agree (parallel.zero_stage=2 on the gptdist command line, or change accelerate's)"]
