@@ -11,7 +11,11 @@
 # `standard` launcher (the paths that work, see docs/cluster.md), and SIGTERM, SIGINT and SIGUSR1 ask this node's
 # ranks to save a checkpoint and exit, as with launch/node.sh, instead of torchrun killing them mid-save.
 set -euo pipefail
-usage() { echo "usage: [NODE_RANK=R NUM_NODES=N MASTER_ADDR=A MASTER_PORT=P] launch/accelerate.sh [--accelerate-config FILE] CONFIG [key=value ...]" >&2; exit 2; }
+usage() {
+  echo "usage: [NODE_RANK=R NUM_NODES=N MASTER_ADDR=A MASTER_PORT=P] launch/accelerate.sh [--accelerate-config FILE]" \
+       "CONFIG [key=value ...]" >&2
+  exit 2
+}
 [[ $# -ge 1 ]] || usage
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"

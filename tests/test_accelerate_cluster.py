@@ -76,7 +76,8 @@ def test_two_machines_on_loopback_equal_one_launcher_with_four_ranks(loopback_ru
     one_launcher = tmp_path / "one-launcher"
     started = time.time()
     assert_ok(launch(recipe, [f"run.dir={one_launcher}"], ranks=4))
-    print(f"\naccelerate 2 machines x 2 ranks: {seconds:.0f} s; deepspeed launcher, 4 ranks: {time.time() - started:.0f} s")
+    print(f"\naccelerate 2 machines x 2 ranks: {seconds:.0f} s; "
+          f"deepspeed launcher, 4 ranks: {time.time() - started:.0f} s")
     # Same layout, same rank numbering (machine r holds ranks 2r, 2r+1), one thread per rank: bitwise equal.
     _bitwise_equal(one_launcher, run)
 
@@ -139,4 +140,5 @@ def test_slurm_job_through_accelerate_is_stopped_requeued_and_resumed_bitwise(
     assert runs[0].info.run_id == complete["mlflow_run_id"] and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["gptdist.launcher"] == "accelerate"
     history = client.get_metric_history(runs[0].info.run_id, "loss")
-    assert {m.step: m.value for m in history} == {r["step"]: r["loss"] for r in read_metrics(reference / "metrics.jsonl")}
+    reference_losses = {r["step"]: r["loss"] for r in read_metrics(reference / "metrics.jsonl")}
+    assert {m.step: m.value for m in history} == reference_losses

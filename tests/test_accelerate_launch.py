@@ -71,7 +71,8 @@ def test_pipeline_under_accelerate_matches_the_deepspeed_launcher(tmp_path, corp
     accelerate_s = time.time() - started
     assert_ok(proc)
     resolved = _resolved(under_accelerate)
-    assert (resolved["parallel"]["pp"], resolved["parallel"]["zero_stage"], resolved["train"]["precision"]) == (2, 1, "bf16")
+    assert (resolved["parallel"]["pp"], resolved["parallel"]["zero_stage"]) == (2, 1)
+    assert resolved["train"]["precision"] == "bf16"
     assert resolved["train"]["deepspeed_config"] == str(ds_file)
     # Rank 0 alone reports: one progress line and one summary, not one per rank.
     output = proc.stdout + proc.stderr
@@ -109,7 +110,8 @@ def test_zero2_under_accelerate_matches_the_deepspeed_launcher(tmp_path, corpus,
     assert "valid for 2 rank(s): tp=1 pp=1 dp=2 zero=2" in proc.stdout
     for run in (under_accelerate, under_deepspeed):
         resolved = _resolved(run)
-        assert (resolved["parallel"]["zero_stage"], resolved["train"]["grad_clip"], resolved["train"]["precision"]) == (2, 0.5, "fp32")
+        assert resolved["parallel"]["zero_stage"] == 2
+        assert (resolved["train"]["grad_clip"], resolved["train"]["precision"]) == (0.5, "fp32")
     # The gradient norms exceed 0.5, so clipping shaped every step: equal losses mean the same clipping was applied.
     from gptdist.train.metrics import read_metrics
 

@@ -321,7 +321,8 @@ def test_launch_script_refuses_a_config_file_it_cannot_start(tmp_path):
 def test_hostfile_launcher_refuses_a_file_whose_processes_do_not_fit_its_hostfile(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("gpu-01 slots=8\n")
-    file = accelerate_yaml(tmp_path / "acc.yaml", num_processes=16, deepspeed_config={"deepspeed_hostfile": str(hostfile)})
+    file = accelerate_yaml(tmp_path / "acc.yaml", num_processes=16,
+                           deepspeed_config={"deepspeed_hostfile": str(hostfile)})
     proc = subprocess.run(["bash", "launch/hostfile.sh", "--accelerate-config", str(file), "configs/tiny-cpu.yaml"],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

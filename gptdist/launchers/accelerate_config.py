@@ -97,7 +97,8 @@ def node_layout(config, path: str, launcher: str) -> Tuple[Dict[str, str], Dict[
         raise UserError(f"{where}: num_machines={machines}, but launch/train.sh starts one node: run launch/node.sh "
                         "or launch/accelerate.sh on every node, or launch/hostfile.sh")
     if launcher == "hostfile" and not hostfile:
-        raise UserError(f"{where}: no deepspeed_config.deepspeed_hostfile: launch/hostfile.sh needs the nodes' hostfile")
+        raise UserError(f"{where}: no deepspeed_config.deepspeed_hostfile: launch/hostfile.sh needs the nodes' "
+                        "hostfile")
     if machines > 1 and launcher == "node" and not config.main_process_ip:
         raise UserError(f"{where}: num_machines={machines} needs main_process_ip, the address of machine 0")
 

@@ -43,7 +43,8 @@ class Setting:
     source: str   # how the user wrote it: "accelerate zero_stage=2 (ACCELERATE_DEEPSPEED_ZERO_STAGE)"
 
 
-def settings_from_accelerate(values: Mapping[str, Any], describe: Describe, precision_is_explicit: bool) -> List[Setting]:
+def settings_from_accelerate(values: Mapping[str, Any], describe: Describe,
+                             precision_is_explicit: bool) -> List[Setting]:
     """accelerate's values by accelerate's names (None: not given) -> Settings; refuses what gptdist cannot do.
 
     precision_is_explicit: mixed_precision came from a config file, where 'no' is a choice (fp32); on the command
@@ -66,7 +67,8 @@ def settings_from_accelerate(values: Mapping[str, Any], describe: Describe, prec
                         "set parallel.tp, parallel.pp and parallel.zero_stage (3 shards like FSDP)")
     stage = given("zero_stage")
     if stage is not None:
-        out.append(Setting("parallel.zero_stage", _whole(stage, describe("zero_stage", stage)), describe("zero_stage", stage)))
+        source = describe("zero_stage", stage)
+        out.append(Setting("parallel.zero_stage", _whole(stage, source), source))
     precision = given("mixed_precision")
     if precision is not None:
         wanted = precision.lower()
@@ -139,7 +141,7 @@ def settings_from_deepspeed_file(path: str, source: str) -> List[Setting]:
             device = (zero.get(part) or {}).get("device") if isinstance(zero.get(part), dict) else None
             if device not in (None, "none", "auto"):
                 _refuse_offload(f"{source}: zero_optimization.{part}.device={json.dumps(device)}")
-    enabled = {name: (data.get(name) or {}).get("enabled") for name in ("bf16", "fp16") if isinstance(data.get(name), dict)}
+    enabled = {name: data[name].get("enabled") for name in ("bf16", "fp16") if isinstance(data.get(name), dict)}
     for name, on in enabled.items():
         if on is True:
             take("train.precision", name, f"{name}.enabled", lambda v, _s: v)
@@ -173,7 +175,8 @@ def apply_settings(config_path: Optional[str], overrides: Sequence[str], setting
         part = getattr(cfg, section)
         mine = getattr(part, field)
         # "auto" precision in a recipe means "gptdist chooses", which accelerate's explicit choice may settle.
-        explicit = field in part.model_fields_set and mine is not None and not (key == "train.precision" and mine == "auto")
+        explicit = (field in part.model_fields_set and mine is not None
+                    and not (key == "train.precision" and mine == "auto"))
         if explicit and not _same(key, mine, setting.value):
             raise UserError(f"{setting.source} contradicts {key}={mine} of the recipe: make them agree "
                             f"({key}={setting.value} on the gptdist command line, or change accelerate's)")
@@ -201,8 +204,8 @@ def _derived_mismatch(setting: Setting, label: str, layout) -> str:
     if setting.key == "layout.grad_accum":
         wanted = setting.value * layout.micro_batch_size * layout.dp
         return (f"{setting.source}, but gptdist derives the {label} itself: {derived}; set "
-                f"train.global_batch_size={wanted} for {setting.value} steps, and leave accelerate's at {layout.grad_accum} "
-                "or unset (\"auto\" in a DeepSpeed file)")
+                f"train.global_batch_size={wanted} for {setting.value} steps, and leave accelerate's at "
+                f"{layout.grad_accum} or unset (\"auto\" in a DeepSpeed file)")
     if setting.key == "layout.global_batch_size":
         return (f"{setting.source}, but the recipe's global batch size is {layout.global_batch_size}; set "
                 f"train.global_batch_size={setting.value}, or \"auto\" in the DeepSpeed file")
