@@ -119,7 +119,11 @@ def test_deepspeed_file_auto_values_are_gptdist_s(recipe, env_of, tmp_path):
     ds = build_ds_config(cfg, Layout.resolve(cfg, 2), "fp32")
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"] == {"enabled": False}
-    assert ds["zero_optimization"]["overlap_comm"] is True and "reduce_bucket_size" not in ds["zero_optimization"]
+    assert ds["zero_optimization"]["overlap_comm"] is True
+    # "auto" never reaches DeepSpeed: gptdist's own bucket size where it sets one, else DeepSpeed's default.
+    without_file = resolve_run_config(str(recipe), ["parallel.zero_stage=2"], env={}, world_size=2)
+    plain = build_ds_config(without_file, Layout.resolve(without_file, 2), "fp32")
+    assert ds["zero_optimization"].get("reduce_bucket_size") == plain["zero_optimization"].get("reduce_bucket_size")
     # gptdist's own ZeRO-1/2 default survives because the stage became parallel.zero_stage, not just a JSON key.
     assert ds["zero_optimization"]["use_multi_rank_bucket_allreduce"] is False
 
