@@ -22,6 +22,9 @@ from gptdist.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptdist", description=__doc__.split("\n\n")[0])
+    # The deepspeed launcher started without --no_local_rank puts --local_rank=N before the command; `gptdist train`
+    # checks it against LOCAL_RANK (gptdist/launchers/run_config.py).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from gptdist.train.cli import register_train_commands

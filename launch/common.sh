@@ -40,8 +40,8 @@ gptdist_stop_ranks() {
   local pid cmd
   for pid in $(gptdist_descendants "$1"); do
     cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)"
-    # The ranks, not the launcher whose own command line names the module it starts.
-    if [[ "$cmd" == *"gptdist.cli train"* && "$cmd" != *"deepspeed.launcher"* ]]; then
+    # The ranks, not the launcher (deepspeed's or accelerate's) whose own command line names the module it starts.
+    if [[ "$cmd" == *"gptdist.cli train"* && "$cmd" != *"deepspeed.launcher"* && "$cmd" != *"accelerate launch"* ]]; then
       kill -TERM "$pid" 2>/dev/null || true
     fi
   done
@@ -58,4 +58,67 @@ gptdist_forward_stop_signals() {
     kill -0 "$launcher" 2>/dev/null || break
   done
   exit "$status"
+}
+
+# This node's place in a multi-node run (launch/node.sh, launch/accelerate.sh), from NODE_RANK, NUM_NODES,
+# NODE_HOSTS, MASTER_ADDR, MASTER_PORT and GPUS_PER_NODE, with Slurm's values as defaults. Sets node_rank, num_nodes,
+# ranks, hosts, master_addr and master_port, or exits 2 with one line that starts with WHO. NEED_HOSTS=yes: the
+# nodes' names are required (the deepspeed launcher keys the nodes by name); otherwise they only give MASTER_ADDR.
+gptdist_node_layout() {
+  local who="$1" need_hosts="$2"
+  fail() { echo "$who: $*" >&2; exit 2; }
+  node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
+  num_nodes="${NUM_NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
+  ranks="${GPUS_PER_NODE:-$(gptdist_local_gpus)}"
+  if [[ "$ranks" == 0 ]]; then
+    ranks=2
+  fi
+  hosts=()
+  if [[ -n "${NODE_HOSTS:-}" ]]; then
+    read -r -a hosts <<< "${NODE_HOSTS//,/ }"
+  elif [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  elif [[ "$num_nodes" == 1 ]]; then
+    hosts=(localhost)
+  elif [[ "$need_hosts" == yes ]]; then
+    fail "NUM_NODES=$num_nodes but no NODE_HOSTS: set NODE_HOSTS to the nodes' names in node-rank order"
+  elif [[ -z "${MASTER_ADDR:-}" ]]; then
+    fail "NUM_NODES=$num_nodes but no MASTER_ADDR: set it to the address of node 0 (or NODE_HOSTS to the nodes' names)"
+  fi
+  [[ "$num_nodes" =~ ^[1-9][0-9]*$ ]] || fail "NUM_NODES=$num_nodes is not a positive number"
+  [[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$num_nodes" ]] || fail "NODE_RANK=$node_rank is not in 0..$((num_nodes - 1))"
+  [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || fail "GPUS_PER_NODE=$ranks is not a positive number"
+  if [[ "${#hosts[@]}" -gt 0 ]]; then
+    # The launcher silently drops hosts beyond --num_nodes and refuses duplicates; say so plainly instead.
+    [[ "${#hosts[@]}" -ge "$num_nodes" ]] || fail "NUM_NODES=$num_nodes but only ${#hosts[@]} host(s) given: ${hosts[*]}"
+    hosts=("${hosts[@]:0:$num_nodes}")
+    if [[ "$(printf '%s\n' "${hosts[@]}" | sort -u | wc -l)" -ne "$num_nodes" ]]; then
+      fail "the node names must be distinct (deepspeed keys the nodes by name): ${hosts[*]}"
+    fi
+  fi
+
+  master_addr="${MASTER_ADDR:-${hosts[0]}}"
+  if [[ -n "${MASTER_PORT:-}" ]]; then
+    master_port="$MASTER_PORT"
+  elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    # Every node computes the same port with no communication; two jobs on one node (or a job and its requeued
+    # self, whose old sockets may linger) get different ones.
+    master_port=$((20000 + (SLURM_JOB_ID % 3000) * 10 + ${SLURM_RESTART_COUNT:-0} % 10))
+  elif [[ "$num_nodes" == 1 ]]; then
+    master_port="$(gptdist_free_port)"
+  else
+    fail "set MASTER_PORT: every node must use the same rendezvous port"
+  fi
+}
+
+# An accelerate config YAML (`launch/*.sh --accelerate-config FILE ...`) as the node layout, read by accelerate's
+# own loader (gptdist/launchers/accelerate_config.py): exports NUM_NODES, GPUS_PER_NODE, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT (and NODE_HOSTS) where the environment does not set them, and sets GPTDIST_ACCELERATE_CONFIG, the
+# file's absolute path, which the ranks get too (--accelerate-config) for its training settings. A file gptdist
+# cannot use stops here with one line and exit status 2. KIND: one-node, node or hostfile. Without FILE: accelerate's
+# default config file if there is one (GPTDIST_ACCELERATE_CONFIG is empty otherwise).
+gptdist_accelerate_layout() {
+  local assignments
+  assignments="$(python -m gptdist.launchers.accelerate_config --for "$1" ${2:+"$2"})" || exit 2
+  eval "$assignments"
 }

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train on the nodes of a hostfile from one shell: the deepspeed launcher reaches every node over ssh (pdsh).
 #   launch/hostfile.sh HOSTFILE CONFIG [key=value ...]
+#   launch/hostfile.sh --accelerate-config FILE CONFIG [key=value ...]
+#                                                the hostfile, MASTER_ADDR/PORT and training settings from an accelerate
+#                                                config YAML (deepspeed_config.deepspeed_hostfile, main_process_ip/port)
 #   launch/hostfile.sh --check HOSTFILE          validate the hostfile only; print its nodes and ranks
 # HOSTFILE has one line per node, `host slots=N` (N ranks there, usually its GPUs), in node-rank order:
 #   # comments and blank lines are allowed
@@ -16,7 +19,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-  echo "usage: launch/hostfile.sh HOSTFILE CONFIG [key=value ...] | launch/hostfile.sh --check HOSTFILE" >&2
+  echo "usage: launch/hostfile.sh HOSTFILE|--accelerate-config FILE CONFIG [key=value ...] | launch/hostfile.sh --check HOSTFILE" >&2
   exit 2
 }
 
@@ -83,10 +86,24 @@ if [[ "$1" == --check ]]; then
   echo "hostfile.sh: $2 is valid: ${#hosts[@]} node(s) (${hosts[*]}), $total_slots rank(s)"
   exit 0
 fi
-hostfile="$1"
-shift
-validate_hostfile "$hostfile"
 source "$here/common.sh"
+accelerate_args=()
+if [[ "$1" == --accelerate-config ]]; then
+  [[ $# -ge 3 ]] || usage
+  gptdist_accelerate_layout hostfile "$2"
+  accelerate_args=(--accelerate-config "$GPTDIST_ACCELERATE_CONFIG")
+  shift 2
+  hostfile="$GPTDIST_ACCELERATE_HOSTFILE"
+else
+  hostfile="$1"
+  shift
+fi
+validate_hostfile "$hostfile"
+if [[ -n "${GPTDIST_ACCELERATE_PROCESSES:-}" && "$GPTDIST_ACCELERATE_PROCESSES" != "$total_slots" ]]; then
+  echo "hostfile.sh: accelerate config $GPTDIST_ACCELERATE_CONFIG: num_processes=$GPTDIST_ACCELERATE_PROCESSES but" \
+       "its hostfile $hostfile has $total_slots slots: make them agree" >&2
+  exit 2
+fi
 
 launcher="${LAUNCHER:-pdsh}"
 if [[ "${#hosts[@]}" -gt 1 && "$launcher" == pdsh ]] && ! command -v pdsh >/dev/null; then
@@ -94,7 +111,7 @@ if [[ "${#hosts[@]}" -gt 1 && "$launcher" == pdsh ]] && ! command -v pdsh >/dev/
   exit 2
 fi
 
-python -m gptdist.cli check "$@" --world "$total_slots"
+python -m gptdist.cli check "$@" "${accelerate_args[@]}" --world "$total_slots"
 
 port="${MASTER_PORT:-$(gptdist_free_port)}"
 args=(--hostfile "$hostfile" --launcher "$launcher" --master_port "$port")
@@ -106,7 +123,7 @@ if [[ -n "${SSH_PORT:-}" ]]; then
 fi
 # Its own session: Ctrl-C in this terminal must reach this script only. Sent straight to the deepspeed launcher
 # and pdsh, it would cut the ssh connections, and the remote ranks would die of SIGHUP in the middle of a save.
-setsid deepspeed --log_level warning "${args[@]}" --no_local_rank --module gptdist.cli train "$@" &
+setsid deepspeed --log_level warning "${args[@]}" --no_local_rank --module gptdist.cli train "$@" "${accelerate_args[@]}" &
 launcher_pid=$!
 if [[ "${#hosts[@]}" == 1 ]]; then
   # One host: the launcher starts the ranks here, without ssh; stop them as launch/train.sh does.

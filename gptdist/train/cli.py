@@ -13,6 +13,7 @@ def register_train_commands(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_accelerate_config(train)
     train.set_defaults(func=_run_train)
 
     check = sub.add_parser(
@@ -23,26 +24,47 @@ def register_train_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.add_argument("--world", type=int, default=1, help="number of ranks the run will have (default 1)")
+    _add_accelerate_config(check)
     check.set_defaults(func=_run_check)
 
 
+def _add_accelerate_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--accelerate-config", metavar="FILE", default=None,
+                        help="an accelerate config YAML whose settings (zero_stage, mixed_precision, gradient_clipping, "
+                             "deepspeed_config_file) apply where the recipe is silent (gptdist/launchers/)")
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from gptdist.config import load_config
+    import os
+
+    from gptdist.errors import UserError
+    from gptdist.launchers.run_config import resolve_run_config
+
+    try:
+        cfg = resolve_run_config(args.config, args.overrides, accelerate_config=args.accelerate_config,
+                                 local_rank_arg=args.local_rank)
+    except UserError:
+        # Every rank refuses the same config; one line per node is enough (a launcher without gptdist's own
+        # pre-check, such as `accelerate launch`, shows each node's output).
+        if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
+            return UserError.exit_code
+        raise
     from gptdist.train.loop import train
     from gptdist.train.runtime import finish_process
 
-    cfg = load_config(args.config, args.overrides)
     code = train(cfg)
     finish_process(code)
     return code
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from gptdist.config import load_config
     from gptdist.data import check_data
+    from gptdist.launchers.run_config import resolve_run_config
     from gptdist.parallel.layout import Layout
 
-    cfg = load_config(args.config, args.overrides)
+    # Run by the launch scripts before any launcher: no launcher environment to read, the world size is given.
+    cfg = resolve_run_config(args.config, args.overrides, env={}, world_size=args.world,
+                             accelerate_config=args.accelerate_config)
     layout = Layout.resolve(cfg, args.world)
     check_data(cfg.data, cfg.model.vocab_size)
     print(f"gptdist: {args.config} is valid for {args.world} rank(s): {layout.describe()}")

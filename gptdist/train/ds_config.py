@@ -100,6 +100,10 @@ def _read_user_config(path: str) -> Dict[str, Any]:
 def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
+        if value == "auto":
+            # accelerate's convention in DeepSpeed files, "the script fills this in": gptdist's value where it sets
+            # one, else DeepSpeed's default.
+            continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from gptdist.config import TrackingConfig
 from gptdist.errors import UserError
+from gptdist.launchers.detect import launcher_name
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"(://[^/\s:@]+:[^/\s@]+@)")  # user:password@ inside a URI
@@ -75,9 +76,13 @@ class MlflowTracker(NullTracker):
 
         self.uri = tracking_uri(cfg, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
+        # Which launcher started the ranks (accelerate, deepspeed, torchrun, slurm or none); on a resumed run, the
+        # latest attempt's.
+        launcher = {"gptdist.launcher": launcher_name(os.environ)}
         if run_id is not None:
             # Resuming: keep writing into the run the first attempt created.
             self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "gptdist.launcher", launcher["gptdist.launcher"])
             self.run_id = run_id
             return
         experiment = self.client.get_experiment_by_name(cfg.experiment)
@@ -89,7 +94,8 @@ class MlflowTracker(NullTracker):
             experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags={"gptdist.run_dir": str(run_dir.resolve())})
+        run = self.client.create_run(experiment_id, run_name=run_name,
+                                     tags={"gptdist.run_dir": str(run_dir.resolve()), **launcher})
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
