@@ -5,6 +5,7 @@
     gptdist tokenizer train SOURCE ...          train a byte-level BPE tokenizer
     gptdist check CONFIG --world N              validate a recipe, its layout and data
     gptdist compare-loss RUN_A RUN_B            do two runs' per-step losses agree?
+    gptdist plan CONFIG --gpus N                predict memory and step time of every layout; recommend one
     gptdist export | import-hf | generate | eval   checkpoints <-> transformers, text, perplexity
     gptdist bench data|train|parallel ...       benchmarks that print a table
 
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gptdist.data.cli import register_data_commands
 
     register_data_commands(sub)
+
+    from gptdist.plan.cli import register_plan_command
+
+    register_plan_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table measured in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import List, Tuple
+from typing import Tuple
 
 from gptdist.model.config import GPTConfig
 
@@ -48,19 +48,17 @@ class RankParams:
         return self.stage == self.stages - 1
 
 
-def stage_blocks(n_layer: int, pp: int) -> List[Tuple[int, ...]]:
+@lru_cache(maxsize=None)
+def stage_blocks(n_layer: int, pp: int) -> Tuple[Tuple[int, ...], ...]:
     """Block indices per stage, as DeepSpeed partitions gptdist's layer list by `type:BlockLayer`."""
     if pp == 1:
-        return [tuple(range(n_layer))]
+        return (tuple(range(n_layer)),)
     from deepspeed.runtime.utils import partition_balanced
 
     # [token embedding, positions, block 0 .. block L-1, final norm, tied head]: weight 1 for blocks only.
     weights = [0, 0] + [1] * n_layer + [0, 0]
     parts = partition_balanced(weights=weights, num_parts=pp)
-    out = []
-    for s in range(pp):
-        out.append(tuple(i - 2 for i in range(parts[s], parts[s + 1]) if 2 <= i < 2 + n_layer))
-    return out
+    return tuple(tuple(i - 2 for i in range(parts[s], parts[s + 1]) if 2 <= i < 2 + n_layer) for s in range(pp))
 
 
 @lru_cache(maxsize=256)
@@ -81,7 +79,13 @@ def _sharded_shapes(cfg_json: str, tp: int, tp_rank: int) -> Tuple[Tuple[str, Tu
 
 
 def rank_params(cfg: GPTConfig, tp: int, pp: int, stage: int, tp_rank: int = 0) -> RankParams:
-    shapes = _sharded_shapes(cfg.model_dump_json(), tp, tp_rank)
+    return _rank_params(cfg.model_dump_json(), tp, pp, stage, tp_rank)
+
+
+@lru_cache(maxsize=1024)
+def _rank_params(cfg_json: str, tp: int, pp: int, stage: int, tp_rank: int) -> RankParams:
+    cfg = GPTConfig.model_validate_json(cfg_json)
+    shapes = _sharded_shapes(cfg_json, tp, tp_rank)
     blocks = stage_blocks(cfg.n_layer, pp)[stage]
     first, last = stage == 0, stage == pp - 1
     wanted = set(f"blocks.{i}." for i in blocks)

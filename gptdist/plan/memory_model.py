@@ -1,0 +1,209 @@
+"""Per-rank memory of a layout, predicted from the shapes alone: model states exactly, activations by formula.
+
+What a rank holds, in the terms of its memory report (train/memory.py), for N = its parameters (shapes.py: its
+stage's layers, its tensor-parallel shard), part = its ZeRO partition of them, e = bytes per parameter element:
+
+    fp32 (CPU, and GPUs with train.precision=fp32)       ZeRO-0     ZeRO-1 / ZeRO-2                 ZeRO-3
+    params    the module's parameters                    4N         4·flat (N, aligned to 2·dp)      4·part (+ unpartitioned small ones)
+    master    fp32 copy the optimizer updates            -          4·part                           4·part
+    optimizer Adam's exp_avg and exp_avg_sq              8N         8·part                           8·part
+    grads     at the optimizer step                      4N         8·part (bucketed + fp32 copy)    8·part (flat buffer + fp32 copy)
+    buffers   DeepSpeed's working buffers                -          -                                reduce bucket
+
+bf16 (DeepSpeed's bf16 optimizer with ZeRO-0; bf16 flat buffers with ZeRO-1/2/3) keeps 2-byte parameters and
+gradient buckets and fp32 master weights, gradients and moments; the table in docs/performance.md lists it. These
+are DeepSpeed 0.19's buffers as its source allocates them; the fp32 rows were checked against measured runs
+(tests/test_memory.py), the bf16 rows have not been run on a GPU yet.
+
+Activations per micro-batch of n = micro_batch_size x seq_len tokens, saved for backward (SDPA attention, which
+keeps only its output and log-sum-exp, not the T x T scores):
+
+    per block       n·(4d + (4d + 2f)/tp)·e      ln1 in/out, residual, ln2 in/out (replicated under TP), and
+                                                 qkv, attention out, fc1 out, GELU out (split by TP)
+    with activation checkpointing, n·d·e per block, plus one block's full set while it is recomputed
+    head (pp = 1)   the chunked loss keeps its two gradients from forward: n·d and V·d in fp32, plus one chunk of
+                    logits (rows x V) while it runs; vocab-parallel (tp > 1): the local logits' softmax, n·V/tp fp32
+    head (pp > 1)   the last stage keeps the logits it hands to the loss and their log-softmax: n·V/tp·(e + 4)
+    1F1B            stage s of p keeps min(p - s, m) micro-batches' activations at its peak
+
+The peak is the largest of the phases the memory report measures: construction, forward, backward, optimizer
+step (Adam's temporary: one group's worth of exp_avg_sq), and for ZeRO-1/2 the all-gather of updated parameters.
+What it leaves out: allocator fragmentation and the runtime (CUDA context, NCCL, Python), which `plan` adds as a
+stated allowance per hardware preset; dropout masks (dropout > 0); torch.compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+from gptdist.model.config import GPTConfig
+from gptdist.plan.shapes import RankParams
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+    activation_checkpointing: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def key(self) -> tuple:
+        return (self.tp, self.pp, self.dp, self.zero_stage, self.micro_batch_size, self.activation_checkpointing)
+
+
+@dataclass
+class RankMemory:
+    stage: int
+    tp_rank: int
+    model_states: Dict[str, int]  # kind -> bytes at the optimizer step (the report's model_state_bytes)
+    phases: Dict[str, int]  # phase -> peak live tensor bytes
+    activations: int  # bytes saved for backward at this rank's most loaded moment
+    notes: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model_state_bytes(self) -> int:
+        return sum(self.model_states.values())
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def zero12_partitions(groups, dp: int):
+    """(flat numel, partition numel) per parameter group, as DeepSpeed's ZeRO-1/2 flatten and split them: each
+    group's flat buffer is padded to a multiple of 2 x dp elements and cut into dp equal partitions."""
+    out = []
+    for g in groups:
+        flat = _ceil_to(sum(g), 2 * dp)
+        out.append((flat, flat // dp))
+    return out
+
+
+def zero3_partition(numel: int, dp: int) -> int:
+    return -(-numel // dp)
+
+
+def activation_bytes(cfg: GPTConfig, rp: RankParams, layout: Layout, act_bytes: int, chunk_rows: int) -> Dict[str, int]:
+    """Bytes saved for backward by one micro-batch on this rank, by part, and the forward's largest transient."""
+    n = layout.micro_batch_size * cfg.seq_len
+    d, f, V, t = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, layout.tp
+    blocks = len(rp.blocks)
+    per_block = n * (4 * d + (4 * d + 2 * f) // t) * act_bytes
+    if layout.activation_checkpointing:
+        saved_blocks = blocks * n * d * act_bytes
+        recompute = per_block  # one block's activations while its backward recomputes them
+    else:
+        saved_blocks, recompute = blocks * per_block, 0
+    head = transient = 0
+    if rp.last:
+        if layout.pp == 1 and t == 1:
+            # ln_f input, and the chunked loss's n x d and V x d gradients (fp32) computed in forward
+            head = n * d * act_bytes + n * d * FP32 + V * d * FP32
+            transient = min(n, chunk_rows) * V * FP32
+        elif layout.pp == 1:
+            head = 2 * n * d * act_bytes + n * (V // t) * FP32
+            transient = n * (V // t) * FP32
+        else:
+            head = n * d * act_bytes + n * (V // t) * (act_bytes + FP32)
+            transient = n * (V // t) * FP32
+    return {"blocks": saved_blocks, "head": head, "recompute": recompute, "forward_transient": transient}
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations a stage holds at once (1F1B: p - s, at most m)."""
+    if layout.pp == 1:
+        return 1
+    return max(1, min(layout.pp - stage, layout.grad_accum))
+
+
+def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str, buffers: Dict[str, int],
+                 chunk_rows: int) -> RankMemory:
+    """The model states and per-phase peaks of the rank holding `rp` in `layout`."""
+    z, dp = layout.zero_stage, layout.dp
+    e = 2 if precision in ("bf16", "fp16") else FP32  # parameter / activation element
+    N = rp.numel
+    largest = rp.largest
+    bucket = buffers.get("reduce_bucket_size", 0)
+    states: Dict[str, int] = {}
+    notes: Dict[str, int] = {}
+    if z == 0:
+        if e == FP32:
+            states = {"params": FP32 * N, "grads": FP32 * N, "optimizer": 2 * FP32 * N}
+        else:  # DeepSpeed's BF16_Optimizer: bf16 params and grads, fp32 master, fp32 gradient accumulator, moments
+            states = {"params": e * N, "grads": e * N + FP32 * N, "master": FP32 * N, "optimizer": 2 * FP32 * N}
+        optimizer_temp = FP32 * max(sum(g) for g in rp.groups)  # foreach AdamW: sqrt(exp_avg_sq) of a group
+        grads_during = FP32 * N if e == FP32 else (e + FP32) * N
+    elif z in (1, 2):
+        parts = zero12_partitions(rp.groups, dp)
+        flat, part = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        states = {"params": e * flat, "master": FP32 * part, "optimizer": 2 * FP32 * part,
+                  "grads": 2 * FP32 * part}
+        optimizer_temp = FP32 * max(p[1] for p in parts)
+        # ZeRO-1 keeps full gradients until the boundary, ZeRO-2 only its partition; both fill a reduce bucket.
+        grads_during = (e * N if z == 1 else FP32 * part) + FP32 * bucket
+        notes["allgather"] = e * flat  # the updated partitions gathered back into every rank's flat buffer
+    else:
+        threshold = buffers.get("stage3_param_persistence_threshold", 0)
+        numels = [n for g in rp.groups for n in g]
+        part = sum(zero3_partition(n, dp) for n in numels)
+        persistent = sum(n for n in numels if n <= threshold)
+        states = {"params": e * (part + persistent), "master": FP32 * part, "optimizer": 2 * FP32 * part,
+                  "grads": 2 * FP32 * part, "buffers": FP32 * bucket}
+        optimizer_temp = FP32 * max(sum(zero3_partition(n, dp) for n in g) for g in rp.groups)
+        grads_during = FP32 * part
+        # Gathered for use: the current block's parameters and one block prefetched, at most max_live elements.
+        notes["gathered"] = e * min(buffers.get("stage3_max_live_parameters", N),
+                                    2 * max(buffers.get("stage3_prefetch_bucket_size", 0), largest))
+    base = sum(v for k, v in states.items() if k != "grads")  # what lives through forward and backward
+    acts = activation_bytes(cfg, rp, layout, e, chunk_rows)
+    one = acts["blocks"] + acts["head"]  # saved by one micro-batch
+    k = in_flight(layout, rp.stage)
+    gathered = notes.get("gathered", 0)
+    # Gradients of this step already exist during a forward if a backward ran before it: with accumulation on one
+    # stage (m > 1), and on a pipeline stage once 1F1B reaches its steady state (m > p - s).
+    m = layout.grad_accum
+    warm = m > 1 if layout.pp == 1 else m > layout.pp - rp.stage
+    g_fwd = grads_during if warm else 0
+    # Backward's transient: a parameter's new gradient and its accumulation (twice the largest parameter);
+    # the first stage ends with the embedding's dense V x d gradient added into the (tied) table's gradient.
+    t_bwd = max(acts["recompute"], 2 * FP32 * largest)
+    emb = 2 * FP32 * cfg.vocab_size * cfg.d_model // layout.tp if rp.first else 0
+    phases = {
+        "build": e * N + FP32 * largest + (e * sum(p[0] for p in zero12_partitions(rp.groups, dp)) if z in (1, 2) else 0),
+        "forward": base + g_fwd + k * one + acts["forward_transient"] + gathered,
+        "backward": base + gathered + max(g_fwd + k * one + t_bwd, (grads_during + one + t_bwd) if m > 1 else 0,
+                                          grads_during + emb),
+        "optimizer": sum(states.values()) + optimizer_temp,
+    }
+    if z in (1, 2):
+        phases["after optimizer"] = base + notes["allgather"]
+    return RankMemory(rp.stage, 0, states, phases, k * one, notes)
+
+
+def chunk_rows_for(cfg: GPTConfig) -> int:
+    from gptdist.model.head import default_chunk_rows
+
+    return default_chunk_rows(cfg.vocab_size)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
