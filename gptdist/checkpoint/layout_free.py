@@ -75,17 +75,22 @@ def _relink_optimizer_state(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-FILE_BYTES = 512 << 20  # a rank writes a file whenever its buffered tensors pass this size
+FILE_BYTES = 512 << 20  # a rank writes a file whenever its buffered tensors pass this size (or 1/8 of its share)
+MIN_FILE_BYTES = 16 << 20
 _FILE_NAME = re.compile(r"^tp(\d+)_pp(\d+)(?:_.*)?\.safetensors$")
 
 
 def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path, file_bytes: int = FILE_BYTES) -> None:
     """Called by every rank (the ZeRO gathers are collective); the data-parallel ranks of each (tp, pp) share the
-    writing, parameter by parameter."""
+    writing, parameter by parameter. A rank's buffer stays under 1/8 of the bytes it writes in all (weights and
+    moments, fp32), so a save adds little to what training itself holds."""
     from safetensors.torch import save_file
 
     _relink_optimizer_state(engine)
     dp, dp_rank = topology.layout.dp, topology.dp_rank
+    owned = list(owned_parameters(engine, names))
+    share = 12 * sum(int(getattr(p, "ds_numel", p.numel())) for _, p in owned) // dp
+    file_bytes = min(file_bytes, max(MIN_FILE_BYTES, share // 8))
     prefix = f"tp{topology.tp_rank}_pp{topology.pp_rank}_dp{dp_rank}"
     buffer: Dict[str, torch.Tensor] = {}
     files = 0
@@ -99,7 +104,7 @@ def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path
             buffer = {}
 
     meta: Dict[str, Dict] = {}
-    for i, (name, param) in enumerate(owned_parameters(engine, names)):
+    for i, (name, param) in enumerate(owned):
         weight, moments = _full_across_dp(engine, param)  # collective under ZeRO: every rank, same order
         part = _partition(param)
         meta[name] = {"partition_dim": part.dim, "stride": part.stride, "stage": topology.pp_rank}

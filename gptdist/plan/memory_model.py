@@ -64,7 +64,7 @@ class Layout:
 @dataclass
 class RankMemory:
     stage: int
-    tp_rank: int
+    dp_rank: int
     model_states: Dict[str, int]  # kind -> bytes at the optimizer step (the report's model_state_bytes)
     phases: Dict[str, int]  # phase -> peak live tensor bytes
     activations: int  # bytes saved for backward at this rank's most loaded moment
@@ -95,6 +95,21 @@ def zero12_partitions(groups, dp: int):
         flat = _ceil_to(sum(g), 2 * dp)
         out.append((flat, flat // dp))
     return out
+
+
+def straddling(groups, dp: int, dp_rank: int) -> int:
+    """Elements of the parameters that cross the edges of this rank's ZeRO-1/2 partition, outside it: DeepSpeed
+    keeps such a parameter's whole gradient on every rank that owns a piece of it."""
+    extra = 0
+    for g, (_, part) in zip(groups, zero12_partitions(groups, dp)):
+        lo, hi = dp_rank * part, (dp_rank + 1) * part
+        start = 0
+        for numel in g:
+            end = start + numel
+            if start < hi and end > lo and (start < lo or end > hi):
+                extra += numel - (min(end, hi) - max(start, lo))
+            start = end
+    return extra
 
 
 def zero3_partition(numel: int, dp: int) -> int:
@@ -135,8 +150,8 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 
 def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str, buffers: Dict[str, int],
-                 chunk_rows: int) -> RankMemory:
-    """The model states and per-phase peaks of the rank holding `rp` in `layout`."""
+                 chunk_rows: int, dp_rank: int = 0) -> RankMemory:
+    """The model states and per-phase peaks of data-parallel rank `dp_rank` of the stage holding `rp`."""
     z, dp = layout.zero_stage, layout.dp
     e = 2 if precision in ("bf16", "fp16") else FP32  # parameter / activation element
     N = rp.numel
@@ -155,11 +170,16 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
         parts = zero12_partitions(rp.groups, dp)
         flat, part = sum(p[0] for p in parts), sum(p[1] for p in parts)
         states = {"params": e * flat, "master": FP32 * part, "optimizer": 2 * FP32 * part,
-                  "grads": 2 * FP32 * part}
+                  "grads": 2 * FP32 * part + FP32 * straddling(rp.groups, dp, dp_rank)}
         optimizer_temp = FP32 * max(p[1] for p in parts)
-        # ZeRO-1 keeps full gradients until the boundary, ZeRO-2 only its partition; both fill a reduce bucket.
+        # ZeRO-1 keeps full gradients until the boundary, ZeRO-2 only its partition; both allocate a reduce
+        # bucket at the first backward of a step.
         grads_during = (e * N if z == 1 else FP32 * part) + FP32 * bucket
         notes["allgather"] = e * flat  # the updated partitions gathered back into every rank's flat buffer
+        if z == 1 and layout.pp > 1:
+            # The pipeline engine reduces after the last backward: the partition is filled while the full
+            # gradients still exist.
+            notes["boundary"] = FP32 * part
     else:
         threshold = buffers.get("stage3_param_persistence_threshold", 0)
         numels = [n for g in rp.groups for n in g]
@@ -169,10 +189,21 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
                   "grads": 2 * FP32 * part, "buffers": FP32 * bucket}
         optimizer_temp = FP32 * max(sum(zero3_partition(n, dp) for n in g) for g in rp.groups)
         grads_during = FP32 * part
-        # Gathered for use: the current block's parameters and one block prefetched, at most max_live elements.
-        notes["gathered"] = e * min(buffers.get("stage3_max_live_parameters", N),
-                                    2 * max(buffers.get("stage3_prefetch_bucket_size", 0), largest))
+        # Gathered for use: measured, twice stage3_max_live_parameters (the modules in use and those prefetched
+        # for the next ones, including the first blocks gathered right after the optimizer for the next forward);
+        # in backward also the full gradients of the blocks being reduced into their partitions.
+        notes["gathered"] = e * min(N, 2 * buffers.get("stage3_max_live_parameters", N))
+        notes["reducing"] = 2 * FP32 * buffers.get("stage3_prefetch_bucket_size", 0)
     base = sum(v for k, v in states.items() if k != "grads")  # what lives through forward and backward
+    if layout.pp > 1:
+        # The pipeline engine keeps each buffer's last input and output between steps: activations, and on the last
+        # stage the logits it handed to the loss.
+        n = layout.micro_batch_size * cfg.seq_len
+        buffers_ = max(2, min(layout.pp - rp.stage, layout.grad_accum))
+        out = n * (cfg.vocab_size // layout.tp if rp.last else cfg.d_model) * e
+        inp = n * 8 if rp.first else n * cfg.d_model * e
+        notes["pipe_buffers"] = buffers_ * (out + inp)
+        base += notes["pipe_buffers"]
     acts = activation_bytes(cfg, rp, layout, e, chunk_rows)
     one = acts["blocks"] + acts["head"]  # saved by one micro-batch
     k = in_flight(layout, rp.stage)
@@ -182,20 +213,24 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
     m = layout.grad_accum
     warm = m > 1 if layout.pp == 1 else m > layout.pp - rp.stage
     g_fwd = grads_during if warm else 0
-    # Backward's transient: a parameter's new gradient and its accumulation (twice the largest parameter);
-    # the first stage ends with the embedding's dense V x d gradient added into the (tied) table's gradient.
-    t_bwd = max(acts["recompute"], 2 * FP32 * largest)
-    emb = 2 * FP32 * cfg.vocab_size * cfg.d_model // layout.tp if rp.first else 0
+    # Backward's transient: a new gradient and its accumulation into the existing one, twice the largest tensor
+    # involved. On the first stage that is the token embedding's dense V x d gradient, unless ZeRO-1 copies
+    # each gradient into its bucket as it appears (measured: tests/test_memory.py); elsewhere a block's
+    # largest matrix.
+    block_matrix = max(3 * cfg.d_model * cfg.d_model, cfg.d_model * cfg.ffn_dim) // layout.tp
+    wte = cfg.vocab_size * cfg.d_model // layout.tp
+    dense_embedding_grad = rp.first and z != 1
+    t_bwd = max(acts["recompute"], 2 * FP32 * (max(wte, block_matrix) if dense_embedding_grad else block_matrix))
     phases = {
         "build": e * N + FP32 * largest + (e * sum(p[0] for p in zero12_partitions(rp.groups, dp)) if z in (1, 2) else 0),
         "forward": base + g_fwd + k * one + acts["forward_transient"] + gathered,
-        "backward": base + gathered + max(g_fwd + k * one + t_bwd, (grads_during + one + t_bwd) if m > 1 else 0,
-                                          grads_during + emb),
+        "backward": base + gathered + notes.get("reducing", 0) + t_bwd
+        + max(g_fwd + k * one, (grads_during + one) if m > 1 else 0, grads_during + notes.get("boundary", 0)),
         "optimizer": sum(states.values()) + optimizer_temp,
     }
     if z in (1, 2):
         phases["after optimizer"] = base + notes["allgather"]
-    return RankMemory(rp.stage, 0, states, phases, k * one, notes)
+    return RankMemory(rp.stage, dp_rank, states, phases, k * one, notes)
 
 
 def chunk_rows_for(cfg: GPTConfig) -> int:

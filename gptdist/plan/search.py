@@ -23,7 +23,7 @@ from gptdist.train.ds_config import zero_buffers
 @dataclass
 class Plan:
     layout: Layout
-    ranks: List[RankMemory]  # one per pipeline stage (tensor- and data-parallel ranks of a stage hold the same)
+    ranks: List[RankMemory]  # one per (pipeline stage, data-parallel rank); tensor-parallel ranks hold the same
     time: StepTime
     hardware: Hardware
     headroom: float
@@ -78,6 +78,8 @@ class Plan:
             "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "fits": self.fits,
             "recommended": self.recommended, "reason": self.reason,
             "hardware": self.hardware.name, "checked_on_hardware": self.hardware.checked,
+            "ranks": [{"stage": r.stage, "dp_rank": r.dp_rank, "model_state_bytes": r.model_state_bytes,
+                       "peak_bytes": r.peak, "peak_phase": r.peak_phase, "phases": r.phases} for r in self.ranks],
         }
 
 
@@ -114,7 +116,9 @@ def evaluate(cfg: GPTConfig, layout: Layout, hw: Hardware, gpus_per_node: int, h
     buffers = zero_buffers(cfg, layout.tp) if layout.zero_stage else {}
     chunk = chunk_rows_for(cfg)
     stages = [rank_params(cfg, layout.tp, layout.pp, s) for s in range(layout.pp)]
-    ranks = [predict_rank(cfg, rp, layout, hw.precision, buffers, chunk) for rp in stages]
+    # ZeRO-1/2 ranks differ by the parameters that straddle their partitions' edges; otherwise one is enough.
+    dp_ranks = range(layout.dp) if layout.zero_stage in (1, 2) else range(1)
+    ranks = [predict_rank(cfg, rp, layout, hw.precision, buffers, chunk, r) for rp in stages for r in dp_ranks]
     time = step_time(cfg, layout, stages, hw, gpus_per_node)
     tokens = global_batch * cfg.seq_len
     flops = tokens * flops_per_token(cfg) * (4 / 3 if layout.activation_checkpointing else 1)

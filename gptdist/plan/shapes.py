@@ -101,10 +101,16 @@ def _rank_params(cfg_json: str, tp: int, pp: int, stage: int, tp_rank: int) -> R
 
     chosen = [(n, s) for n, s in shapes if held(n)]
     tied = 0
-    if pp > 1 and last:
+    if pp > 1:
+        # In the order a PipelineModule lists them (ZeRO flattens in that order): its tied modules first (the
+        # token embedding, on the first and on the last stage), then its layers.
         wte = dict(shapes)["embed.wte.weight"]
-        chosen.append(("embed.wte.weight (tied copy)", wte))
-        tied = _numel(wte)
+        chosen = [(n, s) for n, s in chosen if n != "embed.wte.weight"]
+        if first:
+            chosen.insert(0, ("embed.wte.weight", wte))
+        if last:
+            chosen.insert(0, ("embed.wte.weight (tied copy)", wte))
+            tied = _numel(wte)
     decay = tuple(_numel(s) for _, s in chosen if len(s) >= 2)
     no_decay = tuple(_numel(s) for _, s in chosen if len(s) < 2)
     return RankParams(stage, pp, blocks, decay, no_decay, tuple(n for n, _ in chosen), tied)

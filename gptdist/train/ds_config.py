@@ -67,18 +67,19 @@ def zero_buffers(model: GPTConfig, tp: int) -> Dict[str, Any]:
     gradient bucket: 2 GB in fp32 allocated every backward pass, whatever the model's size; ZeRO-3 keeping up to
     1e9 gathered parameter elements alive, the whole model below a few billion parameters).
 
-    Gradient buckets hold two blocks' gradients: large enough that a block's reduction is one or two collectives,
-    small next to the model. ZeRO-3 prefetches one block ahead, releases a gathered parameter unless it is used
-    again within one block's worth of fetches, keeps at most two blocks (or the largest parameter, the vocabulary
-    table) gathered, and leaves parameters under 10 x d_model (norm gains, biases) unpartitioned, since gathering
-    each of those costs a collective for a few kilobytes. `gptdist plan` predicts memory from the same numbers."""
+    A gradient bucket holds one block's gradients: a block's reduction is one collective, and the bucket is 1/L
+    of the model. ZeRO-3 prefetches one block ahead, releases a gathered parameter unless it is used again within
+    one block's worth of fetches, keeps about one block (or the largest parameter, the vocabulary table) gathered,
+    and leaves parameters under 10 x d_model (norm gains, biases) unpartitioned, since gathering each of those
+    costs a collective for a few kilobytes. `gptdist plan` predicts memory from the same numbers."""
     block = block_numel(model, tp)
+    block += block % 2  # DeepSpeed wants the all-gather bucket a multiple of 2 elements
     largest = max(model.vocab_size * model.d_model // tp, block)
     return {
-        "reduce_bucket_size": 2 * block,
-        "allgather_bucket_size": 2 * block,
+        "reduce_bucket_size": block,
+        "allgather_bucket_size": block,
         "stage3_prefetch_bucket_size": block,
-        "stage3_max_live_parameters": max(2 * block, largest),
+        "stage3_max_live_parameters": largest,
         "stage3_max_reuse_distance": block,
         "stage3_param_persistence_threshold": 10 * model.d_model,
     }

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-import torch
-
 # Dense peak FLOP/s per GPU from vendor datasheets (no sparsity), by precision. Matched by substring of the name.
 _GPU_PEAKS = [
     ("H200", {"bf16": 989.5e12, "fp16": 989.5e12, "fp32": 494.7e12}),
@@ -28,8 +26,11 @@ def datasheet_peak_flops(device_name: str, precision: str) -> Optional[float]:
     return None
 
 
-def measure_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_flops(device_type: str = "cpu", dtype=None, n: int = 1024, repeats: int = 5) -> float:
     """The FLOP/s this process gets from one large matmul: the practical ceiling for MFU on CPU."""
+    import torch  # here, not at import: reading metrics (compare-loss, check) needs no torch
+
+    dtype = dtype or torch.float32
     device = torch.device(device_type)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -47,6 +48,8 @@ def peak_flops(configured: Optional[float], device_type: str, precision: str) ->
     if configured:
         return configured
     if device_type == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name()
         found = datasheet_peak_flops(name, precision)
         if found:

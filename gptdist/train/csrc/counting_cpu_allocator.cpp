@@ -5,6 +5,11 @@
 // worker threads release collective buffers) is never seen to go. Installed as the process's CPU allocator, this
 // one counts at the only place every CPU tensor passes through. Each block carries its size in a 64-byte header in
 // front of the data, so the data keeps c10's 64-byte alignment and a free needs no lookup.
+//
+// Blocks of 1 MiB and more are mapped straight from the kernel and unmapped when freed. Through malloc they would
+// come from heaps that glibc rarely gives back (its mmap threshold grows to 32 MiB as large blocks are freed), so a
+// rank whose tensors come and go (ZeRO-3 gathering and releasing parameters) would keep its highest heap as
+// resident memory: the OS would see a rank holding far more than its tensors.
 #include <torch/extension.h>
 
 #include <c10/core/Allocator.h>
@@ -12,12 +17,16 @@
 #include <c10/core/alignment.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdint>
+#include <new>
 
 namespace {
 
 constexpr size_t kHeader = 64;  // >= c10::gAlignment, so data stays aligned like c10's own
+constexpr size_t kMapped = size_t(1) << 20;  // blocks at least this large are mapped and unmapped directly
 static_assert(kHeader % c10::gAlignment == 0, "header must keep c10's alignment");
 
 std::atomic<int64_t> g_live{0};
@@ -37,12 +46,24 @@ void counting_free(void* data) {
   char* base = static_cast<char*>(data) - kHeader;
   const int64_t size = *reinterpret_cast<int64_t*>(base);
   g_live.fetch_sub(size, std::memory_order_relaxed);
-  c10::free_cpu(base);
+  if (static_cast<size_t>(size) >= kMapped) {
+    munmap(base, static_cast<size_t>(size) + kHeader);
+  } else {
+    c10::free_cpu(base);
+  }
 }
 
 struct CountingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
-    void* base = c10::alloc_cpu(nbytes + kHeader);
+    void* base = nullptr;
+    if (nbytes >= kMapped) {
+      base = mmap(nullptr, nbytes + kHeader, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base == MAP_FAILED) {
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "gptdist counting allocator: cannot map ", nbytes, " bytes");
+      }
+    } else {
+      base = c10::alloc_cpu(nbytes + kHeader);
+    }
     *reinterpret_cast<int64_t*>(base) = static_cast<int64_t>(nbytes);
     void* data = static_cast<char*>(base) + kHeader;
     const int64_t now = g_live.fetch_add(static_cast<int64_t>(nbytes), std::memory_order_relaxed) + nbytes;
