@@ -175,9 +175,10 @@ def test_every_rank_holds_what_the_plan_predicts(grid, predictions):
             # Through the memory step: training's steady state, before the checkpoint saved at the end.
             peak = report["snapshots"][f"step_{report['memory_step']}"]["peak_live_bytes"]
             assert peak == pytest.approx(want["peak_bytes"], rel=0.15), where
-            # The report's own bookkeeping: live bytes at the optimizer step are the model states it counted.
+            # The report's own bookkeeping: at the optimizer step the live bytes the allocator counted are the
+            # model states the report found, plus at most a pipeline's activation buffers.
             snap = report["snapshots"]["optimizer_step"]
-            assert snap["live_bytes"] == pytest.approx(snap["model_state_bytes"], rel=0.01), where
+            assert snap["model_state_bytes"] <= snap["live_bytes"] <= 1.02 * snap["model_state_bytes"] + 2**19, where
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ class CausalSelfAttention(nn.Module):
     needs no change here. `n_head` records the unsharded count for reference.
     """
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         self.n_head = cfg.n_head
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, device=device)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias, device=device)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> torch.Tensor:

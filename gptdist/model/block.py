@@ -25,11 +25,11 @@ def make_activation(name: str) -> nn.Module:
 class MLP(nn.Module):
     """Position-wise feed-forward network: (B, T, d_model) -> (B, T, ffn_dim) -> activation -> (B, T, d_model)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias, device=device)
         self.act = make_activation(cfg.activation)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias, device=device)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,12 @@ class Block(nn.Module):
     """x + attn(ln1(x)), then + mlp(ln2(x)). Normalizing the branch inputs, not the sum, keeps the
     residual stream an identity path, which is what lets deep stacks train without warm-up tricks."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
+        self.attn = CausalSelfAttention(cfg, device=device)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
+        self.mlp = MLP(cfg, device=device)
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), kv_cache=kv_cache, start_pos=start_pos)

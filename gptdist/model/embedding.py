@@ -32,18 +32,19 @@ class Embeddings(nn.Module):
     in `wpe`; sinusoidal ones are a non-persistent buffer, recomputed rather than checkpointed.
     """
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         self.seq_len = cfg.seq_len
         self.d_model = cfg.d_model
         self.pos_embedding = cfg.pos_embedding
         # Vaswani et al. scale by sqrt(d_model) so token vectors are not drowned by the unit-size sinusoids.
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
         if cfg.pos_embedding == "learned":
-            self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+            self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model, device=device)
         else:
-            self.register_buffer("pos_table", sinusoidal_positions(cfg.seq_len, cfg.d_model), persistent=False)
+            table = sinusoidal_positions(cfg.seq_len, cfg.d_model)
+            self.register_buffer("pos_table", table.to(device) if device is not None else table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
 
     def reset_buffers(self) -> None:

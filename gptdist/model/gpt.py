@@ -23,17 +23,17 @@ class GPT(nn.Module):
     Initialization: the constructor calls `init_parameters(self, seed)`, so `GPT(cfg, seed=s)` has
     the same values whatever the global RNG state. Pass `seed=None` to skip it when the values will
     be overwritten anyway (loading a checkpoint, or building on the meta device to materialize and
-    `init_parameters` later, shard by shard).
+    `init_parameters` later, shard by shard). `device="meta"` builds the structure without storage.
     """
 
-    def __init__(self, cfg: GPTConfig, *, seed: int | None = 0):
+    def __init__(self, cfg: GPTConfig, *, seed: int | None = 0, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.blocks = Blocks(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.embed = Embeddings(cfg, device=device)
+        self.blocks = Blocks(Block(cfg, device=device) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
         self.head = LMHead()
         if seed is not None:
             init_parameters(self, seed)

@@ -54,8 +54,7 @@ class PieceBuilder:
         return module
 
     def token_embedding(self) -> nn.Module:
-        with torch.device("meta"):
-            wte = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model)
+        wte = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model, device="meta")
         if tp_size(self.group) > 1:
             from gptdist.parallel.tp_plan import shard_token_embedding
 
@@ -110,8 +109,7 @@ class PositionLayer(nn.Module):
 
     def __init__(self, build: PieceBuilder):
         super().__init__()
-        with torch.device("meta"):
-            embed = Embeddings(build.cfg)
+        embed = Embeddings(build.cfg, device="meta")
         del embed.wte  # the token table is the tied layer's
         self.embed = build.finish(embed, "embed")
 
@@ -127,8 +125,7 @@ class PositionLayer(nn.Module):
 class BlockLayer(nn.Module):
     def __init__(self, build: PieceBuilder, index: int):
         super().__init__()
-        with torch.device("meta"):
-            block = Block(build.cfg)
+        block = Block(build.cfg, device="meta")
         if build.tensor_parallel:
             from gptdist.parallel.tp_plan import shard_block
 
@@ -143,8 +140,7 @@ class FinalNormLayer(nn.Module):
     def __init__(self, build: PieceBuilder):
         super().__init__()
         cfg = build.cfg
-        with torch.device("meta"):
-            ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device="meta")
         self.ln_f = build.finish(ln_f, "ln_f")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

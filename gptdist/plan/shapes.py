@@ -63,14 +63,12 @@ def stage_blocks(n_layer: int, pp: int) -> Tuple[Tuple[int, ...], ...]:
 
 @lru_cache(maxsize=256)
 def _sharded_shapes(cfg_json: str, tp: int, tp_rank: int) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
-    import torch
 
     from gptdist.model import GPT
     from gptdist.parallel.tp_comm import ShapeGroup
 
     cfg = GPTConfig.model_validate_json(cfg_json)
-    with torch.device("meta"):
-        model = GPT(cfg, seed=None)
+    model = GPT(cfg, seed=None, device="meta")
     if tp > 1:
         from gptdist.parallel.tp_plan import shard_structure
 

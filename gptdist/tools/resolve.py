@@ -102,8 +102,7 @@ class Checkpoint:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         weights = LayoutFreeReader(self.folder / "model").state_dict()
         # Built on meta and given the loaded tensors: no random init, no second copy of the weights.
-        with torch.device("meta"):
-            model = GPT(self.cfg.model, seed=None)
+        model = GPT(self.cfg.model, seed=None, device="meta")
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         if missing or unexpected:
             raise UserError(f"{self.folder / INDEX}: weights do not fit the checkpoint's model config "

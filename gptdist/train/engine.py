@@ -44,8 +44,7 @@ def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, 
     from gptdist.parallel.materialize import materialize
     from gptdist.parallel.tp_comm import tp_rank, tp_size
 
-    with torch.device("meta"):
-        model = GPT(cfg.model, seed=None)
+    model = GPT(cfg.model, seed=None, device="meta")
     group = topology.tp_group if layout.tp > 1 else None
     if layout.tp > 1:
         from gptdist.parallel.tp_plan import check_tp_divisibility, shard_structure

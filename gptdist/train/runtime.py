@@ -52,6 +52,13 @@ def discover_place() -> ProcessPlace:
     return ProcessPlace(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")), local_world)
 
 
+def keep_mlflow_out() -> None:
+    """For ranks that do not track: `import deepspeed` imports mlflow when it is installed (its autotuner, which
+    gptdist never runs, probes for it), 2-3 s per process on a small machine. Blocking the import makes that probe
+    fail at once; only the tracking rank (rank 0 with tracking enabled) imports mlflow."""
+    sys.modules.setdefault("mlflow", None)  # type: ignore[arg-type]  # None in sys.modules: ImportError
+
+
 def prepare_process(place: ProcessPlace) -> str:
     """Choose the accelerator and share the CPU fairly, before torch's thread pools and DeepSpeed start.
 
