@@ -36,6 +36,7 @@ class Hardware:
     fragmentation: float  # allocator slack on top of live tensors (reserved / allocated - 1)
     checked: bool  # predictions compared with measurements on this hardware
     device: str = "cuda"
+    micro_step_s: float = 0.005  # fixed cost of one micro-batch's forward + backward: Python, DeepSpeed, launches
 
 
 # Bus bandwidths: NVLink 4 is 450 GB/s per direction per H100, NCCL all-reduce reaches ~360-400 GB/s bus bandwidth
@@ -53,6 +54,7 @@ ALIASES = {"h100-80gb": "h100", "h200-141gb": "h200", "a100": "a100-80gb"}
 # moves ~1-2 GB/s between ranks of one host; the runtime (Python, torch, DeepSpeed, gloo) takes ~0.55 GiB per rank.
 CPU_RUNTIME_BYTES = int(0.55 * GiB)
 CPU_MATMUL_EFFICIENCY = 0.75  # of the measured matmul ceiling, as `gptdist bench train` measures training reach
+CPU_MICRO_STEP_S = 0.1  # DeepSpeed's engine forward/backward/step bookkeeping per micro-batch on these CPUs
 
 
 def parse_bytes(text: str) -> int:
@@ -82,7 +84,8 @@ def cpu_hardware(ranks_per_node: int) -> Hardware:
     finally:
         torch.set_num_threads(before)
     return Hardware(f"this CPU ({cores} cores, {threads} thread(s) per rank)", _host_memory(), peak, "fp32",
-                    CPU_MATMUL_EFFICIENCY, 1.5, 1.5, 50e-6, CPU_RUNTIME_BYTES, 0.0, True, device="cpu")
+                    CPU_MATMUL_EFFICIENCY, 1.5, 1.5, 50e-6, CPU_RUNTIME_BYTES, 0.0, True, device="cpu",
+                    micro_step_s=CPU_MICRO_STEP_S)
 
 
 def _host_memory() -> int:

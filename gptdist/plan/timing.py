@@ -3,7 +3,9 @@ communication each kind of parallelism adds, from the hardware's bandwidths.
 
     compute per micro-batch on stage s   tokens x (6 x block params x blocks_s + 12 x d x T x blocks_s
                                          [+ 6 x V x d on the last stage]) / tp, at peak x efficiency;
-                                         activation checkpointing adds one more forward (8 instead of 6)
+                                         activation checkpointing adds one more forward (8 instead of 6);
+                                         plus a fixed cost per micro-batch (Python and DeepSpeed's per
+                                         micro-step work: declared 5 ms on GPUs, 0.1 s on the CPU)
     tensor parallel                      4 all-reduces of n x d per block per micro-batch (2 forward,
                                          2 backward) and 2 for the embedding and head; ring all-reduce of B
                                          bytes over t ranks = 2(t-1)/t x B / bandwidth + 2(t-1) x latency
@@ -79,7 +81,7 @@ def step_time(cfg: GPTConfig, layout: Layout, stages: List[RankParams], hw: Hard
         flops = n * len(rp.blocks) * (factor * block + factor * 2 * d * T)
         if rp.last:
             flops += n * 6 * V * d
-        compute = flops / tp / rate
+        compute = flops / tp / rate + hw.micro_step_s
         allreduces = 4 * len(rp.blocks) + (1 if rp.first else 0) + (1 if rp.last else 0)
         tp_comm = allreduces * _all_reduce(n * d * e, tp, tp_bw, hw.latency_s)
         sends = (0 if rp.first else 1) + (0 if rp.last else 1)  # activations in, gradients out, per direction
