@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gptdist.data import build_train_loader, iter_samples
+from gptdist.data.producers import ProcessProducers
 from gptdist.data.tokenizer import GPTTokenizer
 from tests.data_helpers import data_cfg, tiny  # noqa: F401
 
@@ -108,7 +109,7 @@ def test_workers_give_identical_batches(tiny, tmp_path):
 
     def batches(cfg, state=None):
         with build_train_loader(cfg, seq_len=SEQ, micro_batch_size=3, dp_rank=1, dp_size=2, seed=9, state=state) as loader:
-            assert (loader._producer._dl_iter is not None) == (cfg.workers > 0)  # worker processes really used
+            assert isinstance(loader._producer.producer, ProcessProducers) == (cfg.workers > 0)  # processes really used
             return list(itertools.islice(loader, 25))
 
     def same(xs, ys):

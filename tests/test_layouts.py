@@ -1,7 +1,7 @@
 """Every tensor x pipeline x data-parallel layout trains the same model as one rank, and each rank holds only its
 share of it, as `gptdist plan` predicts. Real launches of launch/train.sh (the deepspeed launcher) on CPU ranks.
 
-The grid: 14 layouts over tp {1, 2}, pp {1, 2, 4}, ZeRO {0, 1, 2, 3}, dp up to 4 and activation checkpointing, of an
+The grid: 12 layouts over tp {1, 2}, pp {1, 2, 4}, ZeRO {0, 1, 2, 3}, dp up to 4 and activation checkpointing, of an
 8-block model whose blocks hold 96% of its parameters (d_model 128). For each, with the same data, seed and global
 batch:
 
@@ -43,8 +43,8 @@ STEPS = 10
 TRAIN = {"steps": STEPS, "micro_batch_size": 1, "global_batch_size": 8, "log_every": 5, "warmup_steps": 2}
 GRID = [  # (tp, pp, dp, zero, activation checkpointing)
     (1, 1, 1, 0, False), (1, 1, 2, 1, False), (1, 1, 2, 2, False), (1, 1, 2, 3, False), (1, 1, 4, 3, False),
-    (2, 1, 1, 0, False), (2, 1, 2, 2, False), (2, 1, 2, 3, False), (1, 2, 1, 0, False), (1, 2, 2, 1, False),
-    (1, 4, 1, 0, False), (2, 2, 1, 0, False), (2, 2, 2, 1, False), (2, 2, 2, 1, True),
+    (2, 1, 1, 0, False), (2, 1, 2, 3, False), (1, 2, 1, 0, False), (1, 2, 2, 1, False),
+    (1, 4, 1, 0, False), (2, 2, 1, 0, False), (2, 2, 2, 1, True),
 ]
 ONE = GRID[0]
 SCALING = {(1, 4, 1, 0, False): 0.35, (2, 2, 1, 0, False): 0.35, (1, 1, 4, 3, False): 0.45}
@@ -191,7 +191,7 @@ def big(tmp, corpus, tokenizer_path, grid):
     layouts = [ONE, *SCALING]
     runs = _run_all([(lay, recipe(lay, "-big"), [], _ranks(lay), tmp / _name(lay, "-big")) for lay in layouts])
     saved = tmp / _name(ONE, "-big") / "checkpoints" / "step_00000003"
-    resumed = _run_all([(lay, recipe(lay, "-resumed", steps=5), [f"resume={saved}"], _ranks(lay),
+    resumed = _run_all([(lay, recipe(lay, "-resumed", steps=4), [f"resume={saved}"], _ranks(lay),
                          tmp / _name(lay, "-resumed")) for lay in SCALING])
     return runs, resumed
 

@@ -32,6 +32,10 @@ class DataConfig(BaseModel):
     workers: int = Field(0, ge=0, description="tokenizing worker processes; 0 tokenizes in a background thread")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead of the trainer")
     on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip it with a warning")
+    cache: str = Field("run", min_length=1, description="token cache: 'run' (RUN_DIR/token_cache), 'off' (every rank "
+                                                        "tokenizes what it reads), or a folder shared by runs")
+    cache_scope: Literal["job", "node"] = Field("job", description="who shares the tokenizing: the whole job (the cache "
+                                                                  "folder is on a filesystem all nodes see) or each node")
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -1,9 +1,11 @@
 """The training loader: blocks -> windows -> this rank's micro-batches, prepared ahead in the background.
 
-workers == 0: one thread reads, tokenizes (the Rust batch call releases the GIL and uses the Rust thread pool)
-and packs `prefetch` micro-batches ahead. workers == W: torch DataLoader worker processes tokenize the blocks,
-worker w the blocks c = w, w+W, ... (see workers.py); DataLoader hands them back round-robin, which is block order,
-and the same packing thread turns them into micro-batches, so the output is identical to workers == 0.
+Blocks come from the token cache (token_cache.py), filled by the producing workers of every rank together, each
+block tokenized once (producers.py): a thread of this rank with data.workers = 0, W processes with W > 0. A packing
+thread reads the blocks in order, waiting for the ones other ranks produce, and turns them into `prefetch`
+micro-batches ahead. Which worker tokenized a block changes nothing: the output is the same for any number of
+workers or ranks. Without a cache folder (data.cache=off, tools, tests) this rank tokenizes every block it reads,
+in memory.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest, produce_blocks
+from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest
 from gptdist.data.config import DataConfig
 from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
+from gptdist.data.producers import ProcessProducers, Sharing, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
+from gptdist.data.stream import BlockMaker, Indexes
 from gptdist.data.tokenizer import GPTTokenizer, load_tokenizer
 
 log = logging.getLogger("gptdist.data")
@@ -43,10 +47,24 @@ def make_plan(cfg: DataConfig, seed: int) -> Tuple[DataPlan, GPTTokenizer]:
     return plan, tok
 
 
+def sequential_blocks(plan: DataPlan, start_block: int = 0, cursors=None) -> Iterator[TokBlock]:
+    """Tokenized blocks from `start_block` on, in this thread, without any cache."""
+    from gptdist.data.token_cache import MemoryCache
+
+    tok = load_tokenizer(plan.tokenizer)
+    maker = BlockMaker(plan, Indexes(plan, MemoryCache()))
+    cur = [list(c) for c in (cursors or plan.initial_cursors())]
+    c = start_block
+    while True:
+        block, cur = maker.tokenized(tok, c, cur)
+        yield block
+        c += 1
+
+
 def iter_samples(cfg: DataConfig, *, seq_len: int, seed: int, start: int = 0) -> Iterator[Tuple[int, List[int]]]:
     """The global sample sequence from `start` on: (index, the seq_len+1 token window). Runs in the caller."""
     plan, _ = make_plan(cfg, seed)
-    packer = Packer(produce_blocks(plan, 0, plan.initial_cursors()), seq_len, Start(), on_block=_BadFileLog().see)
+    packer = Packer(sequential_blocks(plan), seq_len, Start(), on_block=_BadFileLog().see)
     k = start
     while True:
         yield k, packer.window(k).tolist()
@@ -62,14 +80,18 @@ def build_train_loader(
     dp_size: int,
     seed: int,
     state: Optional[Dict[str, Any]] = None,
+    sharing: Optional[Sharing] = None,
 ) -> "TrainLoader":
+    """This data-parallel rank's loader. `sharing` says which producing rank this is, of how many, and the cache
+    folder they share (default: this rank alone, in memory)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if seq_len < 1 or micro_batch_size < 1:
         raise ValueError("seq_len and micro_batch_size must be positive")
     plan, _ = make_plan(cfg, seed)
     start = parse_state(state, plan, seq_len)
-    return TrainLoader(plan, start, seq_len, micro_batch_size, dp_rank, dp_size, cfg.workers, cfg.prefetch)
+    return TrainLoader(plan, start, seq_len, micro_batch_size, dp_rank, dp_size, cfg.workers, cfg.prefetch,
+                       sharing or Sharing())
 
 
 @dataclass
@@ -98,24 +120,28 @@ class TrainLoader:
 
     def __init__(
         self, plan: DataPlan, start: Start, seq_len: int, micro_batch_size: int,
-        dp_rank: int, dp_size: int, workers: int, prefetch: int,
+        dp_rank: int, dp_size: int, workers: int, prefetch: int, sharing: Sharing = Sharing(),
     ) -> None:
         self.plan = plan
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.start_state = make_state(plan, seq_len, start.sample, start.block, start.offset, start.cursors or [])
-        # Counted on the packing side: blocks this loader tokenized (first_block: where it started, -1 before).
-        self.stats: Dict[str, int] = {"blocks_tokenized": 0, "documents_tokenized": 0, "tokens": 0, "first_block": -1}
         self._bad = _BadFileLog()
         self._error: Optional[BaseException] = None
-        self._producer = _Producer(self, start, workers, prefetch)
+        self._producer = _Producer(self, start, workers, prefetch, sharing)
         # Runs on close(), garbage collection or interpreter exit, whichever comes first: no hang at exit.
         self._finalizer = weakref.finalize(self, self._producer.close)
 
     @property
     def bad_files(self) -> Dict[str, str]:
         return dict(self._bad.files)
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """What this rank did for its data: blocks/documents/tokens it tokenized (its producing workers, and any
+        block it had to tokenize itself), blocks it read, and the first block it read."""
+        return self._producer.blocks.stats()
 
     def __iter__(self) -> "TrainLoader":
         return self
@@ -139,33 +165,105 @@ class TrainLoader:
         self.close()
 
 
+class _Blocks:
+    """Blocks in order from the cache: this rank's reader. Tells the producers where it is; waits for blocks other
+    workers make; re-tokenizes a block that is damaged, or that does not come within `wait_s`."""
+
+    def __init__(self, plan: DataPlan, cache, start: Start, producer, wait_s: float = 300.0) -> None:
+        self.plan, self.cache, self.producer, self.wait_s = plan, cache, producer, wait_s
+        self.next = start.block
+        self.cursors = [list(c) for c in (start.cursors or plan.initial_cursors())]
+        self.read = 0
+        self.first = -1
+        self.here = {"blocks": 0, "documents": 0, "tokens": 0}  # tokenized by this reader itself
+        self._maker = None
+
+    def __iter__(self) -> "_Blocks":
+        return self
+
+    def __next__(self) -> TokBlock:
+        import time
+
+        c = self.next
+        self.producer.at(c)
+        delay, waited = 0.001, 0.0
+        while True:
+            tokens, meta, problem = self.cache.get_block(c)
+            if tokens is not None:
+                break
+            if problem is not None:
+                log.warning("%s; tokenizing it again", problem)
+                tokens, meta = self._tokenize_here(c)
+                break
+            self.producer.check()
+            if waited > self.wait_s:
+                log.warning("token cache block %d did not appear within %.0f s (is the rank that owns it alive?); "
+                            "tokenizing it here", c, self.wait_s)
+                tokens, meta = self._tokenize_here(c)
+                break
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
+        if self.first < 0:
+            self.first = c
+        self.read += 1
+        self.cursors = meta["end"]
+        self.next = c + 1
+        bad = [tuple(x) for x in meta.get("bad") or []]
+        return TokBlock(c, tokens, [list(x) for x in meta["start"]], int(meta["documents"]), bad)
+
+    def _tokenize_here(self, c: int):
+        if self._maker is None:
+            from gptdist.data.stream import BlockMaker, Indexes
+
+            self._maker = (BlockMaker(self.plan, Indexes(self.plan, self.cache)), load_tokenizer(self.plan.tokenizer))
+        maker, tok = self._maker
+        block, end = maker.tokenized(tok, c, self.cursors)
+        meta = {"start": block.cursors, "end": end, "documents": block.documents, "bad": block.bad}
+        self.cache.put_block(c, block.tokens, meta)
+        self.cache.get_block(c)  # a memory cache hands each block out once
+        self.here["blocks"] += 1
+        self.here["documents"] += block.documents
+        self.here["tokens"] += len(block.tokens)
+        return block.tokens, meta
+
+    def stats(self) -> Dict[str, int]:
+        made = self.producer.totals()
+        return {"blocks_tokenized": made["blocks"] + self.here["blocks"],
+                "documents_tokenized": made["documents"] + self.here["documents"],
+                "tokens": made["tokens"] + self.here["tokens"], "blocks_read": self.read, "first_block": self.first,
+                "blocks_reused": made["reused"], "indexes_built": made["indexes_built"],
+                "bytes_written": made["bytes_written"]}
+
+
 class _Producer:
     """The background side: holds no reference to the TrainLoader, so an unclosed loader can still be collected."""
 
-    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int) -> None:
+    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int, sharing: Sharing) -> None:
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.workers = workers
-        self._dl_iter = None
-        stats, bad, plan = loader.stats, loader._bad, loader.plan
+        self._tmp = None
+        bad, plan = loader._bad, loader.plan
+        cache_dir = sharing.cache_dir
+        if cache_dir is None and workers > 0:
+            # Worker processes need a folder to hand blocks over: a private one, removed at close.
+            import tempfile
 
-        def seen(block: TokBlock) -> None:
-            if stats["blocks_tokenized"] == 0:
-                stats["first_block"] = block.index
-            stats["blocks_tokenized"] += 1
-            stats["documents_tokenized"] += block.documents
-            stats["tokens"] += len(block.tokens)
-            bad.see(block)
-
+            self._tmp = tempfile.TemporaryDirectory(prefix="gptdist-blocks-")
+            cache_dir = self._tmp.name
+        cache = open_cache(plan, cache_dir)
+        total = sharing.ranks * max(1, workers)
+        first = sharing.global_worker(0, workers)
+        lookahead = total + 2  # about one block ahead per worker (module docstring of producers.py)
+        cursors = start.cursors or plan.initial_cursors()
         if workers > 0:
-            from gptdist.data.workers import start_workers
-
             # Worker processes start here, in the caller's thread, never from the packing thread.
-            self._dl_iter = start_workers(plan, start.block, start.cursors or plan.initial_cursors(), workers, prefetch)
-            blocks: Iterator[TokBlock] = self._dl_iter
+            self.producer = ProcessProducers(plan, cache_dir, start.block, cursors, first, workers, total, lookahead)
         else:
-            blocks = produce_blocks(plan, start.block, start.cursors or plan.initial_cursors())
-        packer = Packer(blocks, loader.seq_len, start, on_block=seen)
+            self.producer = ThreadProducer(plan, cache, start.block, cursors, first, total, lookahead)
+        self.blocks = _Blocks(plan, cache, start, self.producer)
+        packer = Packer(self.blocks, loader.seq_len, start, on_block=bad.see)
         seq_len = loader.seq_len
 
         def state_of(sample: int, block: int, offset: int, cursors: List[List[int]]) -> Dict[str, Any]:
@@ -212,8 +310,7 @@ class _Producer:
             pass
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=10.0)
-        if self._dl_iter is not None:
-            shutdown = getattr(self._dl_iter, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            self._dl_iter = None
+        self.producer.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -113,10 +113,14 @@ def train(cfg: RunConfig) -> int:
     position = DataPosition(state.get("data_state") or {})
     loader, batches = None, None
     if topology.needs_data:
+        from gptdist.train.data_sharing import DataReport, data_sharing
+
         loader = build_train_loader(
             cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
             dp_rank=topology.dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=position.state,
+            sharing=data_sharing(cfg, topology, place, run_dir),
         )
+        loader = DataReport(loader, run_dir, place.rank)  # closing it writes RUN_DIR/data/rank_<r>.json
         batches = position.track(iter(loader), engine.device)
 
     steps = cfg.train.steps
