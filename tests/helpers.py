@@ -52,6 +52,16 @@ def launch(recipe: Path, overrides: Sequence[str] = (), ranks: int = 2, timeout:
     return _run(["bash", "launch/train.sh", str(recipe), *overrides], cpu_env({"GPUS_PER_NODE": str(ranks), **(env or {})}), timeout)
 
 
+def launch_pair(*calls):
+    """Independent launches, two at a time (a launch is mostly single-threaded start-up: two share 2 cores well).
+    Each call is (recipe, overrides, ranks, env); returns the CompletedProcess of each, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(launch, recipe, overrides, ranks, 900, env) for recipe, overrides, ranks, env in calls]
+        return [f.result() for f in futures]
+
+
 def train_single(recipe: Path, overrides: Sequence[str] = (), timeout: float = 600,
                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """One rank, started alone (no launcher): the reference every layout is compared with."""

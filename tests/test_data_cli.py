@@ -59,12 +59,20 @@ def test_tokenizer_train_command(tiny, tmp_path, capsys):
     assert main(["tokenizer", "train", str(tmp_path / "none.txt"), "--vocab-size", "300", "--out", str(out)]) == 2
 
 
-def test_bench_data_prints_one_table(tiny, tmp_path, capsys):
+def test_bench_data_prints_its_tables(tiny, tmp_path, capsys):
     pytest.importorskip("gptdist.model.gpt")
     recipe = _recipe(tmp_path, tiny)
-    code = main(["bench", "data", str(recipe), "--tokens", "3000", "--repeats", "1", "--model-steps", "1"])
+    code = main(["bench", "data", str(recipe), "--tokens", "3000", "--repeats", "1", "--model-steps", "1",
+                 "--worlds", "1,2"])
     assert code == 0
     out = capsys.readouterr().out
     for row in ("loader, workers=0", "loader, workers=2", "anchor: datasets", "model: fwd+bwd+AdamW"):
         assert row in out
     assert "n/a" not in out
+    # The world table: one row per world size; the job's tokens tokenized about once (block granularity).
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("world"))
+    rows = [line.split() for line in lines[head + 1:head + 3]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(1.0 <= float(r[3]) < 3.0 for r in rows), rows
+    assert main(["bench", "data", str(recipe), "--worlds", "0"]) == 2

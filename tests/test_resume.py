@@ -8,7 +8,7 @@ import pytest
 
 from gptdist.train.compare import compare, load_losses
 from gptdist.train.metrics import read_metrics
-from tests.helpers import assert_ok, launch, write_recipe
+from tests.helpers import assert_ok, launch, launch_pair, write_recipe
 
 pytestmark = pytest.mark.slow
 STEPS = 20
@@ -20,10 +20,13 @@ def _recipe(tmp, corpus, tokenizer_path, run, tp, pp, zero):
                         parallel={"tp": tp, "pp": pp, "zero_stage": zero}, checkpoint={"every": 10})
 
 
-def _killed_after_step_10_then_resumed(recipe, ranks):
-    killed = launch(recipe, ranks=ranks, env={"GPTDIST_FAULTS": "kill-after-save@10"})
+def _whole_and_killed_then_resumed(whole_recipe, cut_recipe, ranks):
+    """The uninterrupted run and the run killed after step 10's checkpoint, side by side; then the resume."""
+    whole, killed = launch_pair((whole_recipe, [], ranks, None),
+                                (cut_recipe, [], ranks, {"GPTDIST_FAULTS": "kill-after-save@10"}))
+    assert_ok(whole)
     assert killed.returncode != 0, "the injected kill did not happen"
-    resumed = launch(recipe, ranks=ranks)
+    resumed = launch(cut_recipe, ranks=ranks)
     assert_ok(resumed)
     return resumed
 
@@ -33,8 +36,8 @@ def runs_3d(tmp_path_factory, corpus, tokenizer_path):
     """(tp 2, pp 2, dp 2, ZeRO-1): one uninterrupted run and one killed after step 10's checkpoint and resumed."""
     tmp = tmp_path_factory.mktemp("resume3d")
     whole, cut = tmp / "whole", tmp / "cut"
-    assert_ok(launch(_recipe(tmp, corpus, tokenizer_path, whole, 2, 2, 1), ranks=8))
-    resumed = _killed_after_step_10_then_resumed(_recipe(tmp, corpus, tokenizer_path, cut, 2, 2, 1), ranks=8)
+    resumed = _whole_and_killed_then_resumed(_recipe(tmp, corpus, tokenizer_path, whole, 2, 2, 1),
+                                             _recipe(tmp, corpus, tokenizer_path, cut, 2, 2, 1), ranks=8)
     return whole, cut, resumed
 
 
@@ -52,26 +55,41 @@ def test_exact_resume_3d_layout(runs_3d):
 
 def test_exact_resume_zero2(tmp_path, corpus, tokenizer_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert_ok(launch(_recipe(tmp_path, corpus, tokenizer_path, whole, 1, 1, 2), ranks=2))
-    resumed = _killed_after_step_10_then_resumed(_recipe(tmp_path, corpus, tokenizer_path, cut, 1, 1, 2), ranks=2)
+    resumed = _whole_and_killed_then_resumed(_recipe(tmp_path, corpus, tokenizer_path, whole, 1, 1, 2),
+                                             _recipe(tmp_path, corpus, tokenizer_path, cut, 1, 1, 2), ranks=2)
     _assert_bitwise_continuation(whole, cut, resumed)
 
 
-@pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 2, 3), (1, 2, 1, 1), (2, 1, 1, 0)])
-def test_resume_in_another_layout(tp, pp, dp, zero, runs_3d, tmp_path, corpus, tokenizer_path):
-    whole, cut, _ = runs_3d
+MOVES = [(1, 1, 2, 3), (1, 2, 1, 1), (2, 1, 1, 0)]
+
+
+@pytest.fixture(scope="module")
+def moved(runs_3d, tmp_path_factory, corpus, tokenizer_path):
+    """The 3D run's step-10 checkpoint resumed in each of MOVES (launched two at a time)."""
+    _, cut, _ = runs_3d
     checkpoint = cut / "checkpoints" / "step_00000010"
-    run = tmp_path / "moved"
-    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train=TRAIN,
-                          parallel={"tp": tp, "pp": pp, "zero_stage": zero})
-    proc = launch(recipe, [f"resume={checkpoint}"], ranks=tp * pp * dp)
+    tmp = tmp_path_factory.mktemp("moved")
+    calls, runs = [], []
+    for tp, pp, dp, zero in MOVES:
+        run = tmp / f"tp{tp}-pp{pp}-dp{dp}-zero{zero}"
+        recipe = write_recipe(tmp / f"{run.name}.yaml", corpus, tokenizer_path, run, train=TRAIN,
+                              parallel={"tp": tp, "pp": pp, "zero_stage": zero})
+        calls.append((recipe, [f"resume={checkpoint}"], tp * pp * dp, None))
+        runs.append(run)
+    return {layout: (run, proc) for layout, run, proc in zip(MOVES, runs, launch_pair(*calls))}
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero", MOVES)
+def test_resume_in_another_layout(tp, pp, dp, zero, runs_3d, moved):
+    whole, _, _ = runs_3d
+    run, proc = moved[(tp, pp, dp, zero)]
     assert_ok(proc)
     assert "layout changed" in proc.stderr
-    reference, moved = load_losses(whole), load_losses(run)
-    assert sorted(moved) == list(range(11, STEPS + 1))
-    assert moved[11] == pytest.approx(reference[11], rel=1e-4)
+    reference, losses = load_losses(whole), load_losses(run)
+    assert sorted(losses) == list(range(11, STEPS + 1))
+    assert losses[11] == pytest.approx(reference[11], rel=1e-4)
     for step in range(12, STEPS + 1):
-        assert moved[step] == pytest.approx(reference[step], rel=1e-3), step
+        assert losses[step] == pytest.approx(reference[step], rel=1e-3), step
 
 
 def test_torn_save_is_skipped(tmp_path, corpus, tokenizer_path):

@@ -1,23 +1,31 @@
-"""`gptdist bench data`: is the loader fast enough? One table, measured in one run on one corpus and tokenizer.
+"""`gptdist bench data`: is the loader fast enough, at every world size? Two tables, measured in one run.
 
-Rows (medians over --repeats):
+Table 1, per world size W in --worlds (default 1, 2, 4, 8): W loader processes start together, as the W data-
+parallel ranks of one job sharing one token cache (a fresh temporary folder); the job consumes --tokens tokens, each
+rank --tokens / W of its own windows as micro-batches. Per rank: tokens tokenized (its share of the blocks; the
+column `x world` is that share times W over world 1's, 1.00 when it falls exactly as 1/world), seconds of CPU it
+used and wall seconds from start to its last batch; over the job: the tokens tokenized against the tokens consumed. The loader's
+tokens/s per rank is counted per CPU-second, the rate of a rank with one core for its loader (this machine has fewer
+cores than ranks, so wall time measures the sharing of its cores, not the loader); it is shown against the trainer's
+consumption, the tokens/s of one rank's forward + backward + AdamW step of the config's GPT.
+
+Table 2 (medians over --repeats), as one rank of one:
 * the loader with workers=0 and with W workers, from build_train_loader to --tokens tokens delivered as
-  micro-batches (start-up included; its median is shown on its own too), as one rank of one (dp_size=1);
+  micro-batches (start-up included; its median is shown on its own too), without a cache (data.cache=off);
 * the anchor: `datasets`' own non-streaming load_dataset(...) + map(batched=True) tokenizing about the same number
   of tokens of the same text with the same tokenizer (start-up included the same way: a fresh cache every repeat);
 * the model: tokens/s of forward + backward + AdamW step of the config's GPT on random tokens.
-The loader, the anchor and the model all take the machine in turn, so the ratios compare capacities: a training
-process runs them at the same time on shared cores, and every data-parallel rank tokenizes the whole stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gptdist.errors import UserError
 
@@ -28,9 +36,21 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.tokens < 1 or args.repeats < 1 or args.workers < 1:
         raise UserError("--tokens, --repeats and --workers must be at least 1")
+    worlds = _worlds(args.worlds)
     cfg = load_config(args.config, args.overrides)
     tok = check_data(cfg.data, cfg.model.vocab_size)
     seq_len, batch = cfg.model.seq_len, cfg.train.micro_batch_size
+    model, model_note = _model_rate(cfg, args.model_steps, args.repeats)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"gptdist bench data: {args.config}, tokenizer {cfg.data.tokenizer} ({tok.vocab_size} tokens), "
+        f"text_split={cfg.data.text_split}, seq_len={seq_len}, micro_batch={batch}, {args.tokens:,} tokens per job "
+        f"(table 1) and per run (table 2), "
+        f"{cores} CPU cores; trainer: {_num(model)} tokens/s per rank ({model_note})"
+    )
+    print(world_table([_world_run(cfg, w, -(-args.tokens // w)) for w in worlds], model))
+    print()
+
     rows: List[Tuple[str, Optional[float], Optional[float], str]] = []
     for workers in (0, args.workers):
         runs = [_loader_run(cfg, workers, args.tokens) for _ in range(args.repeats)]
@@ -39,15 +59,8 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append((f"loader, workers={workers}", rate, startup, ""))
     anchor, note = _anchor_rate(cfg.data, tok, args.tokens, args.repeats)
     rows.append(("anchor: datasets load_dataset + map(batched)", anchor, None, note))
-    model, note = _model_rate(cfg, args.model_steps, args.repeats)
-    rows.append((f"model: fwd+bwd+AdamW, {batch}x{seq_len}", model, None, note))
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"gptdist bench data: {args.config}, tokenizer {cfg.data.tokenizer} ({tok.vocab_size} tokens), "
-        f"text_split={cfg.data.text_split}, seq_len={seq_len}, micro_batch={batch}, {args.tokens:,} tokens per run, "
-        f"median of {args.repeats}, {cores} CPU cores"
-    )
+    rows.append((f"model: fwd+bwd+AdamW, {batch}x{seq_len}", model, None, model_note))
+    print(f"one rank, median of {args.repeats}")
     print(f"{'measure':<46} {'tokens/s':>12} {'startup s':>10} {'vs anchor':>10} {'vs model':>9}  note")
     for name, rate, startup, note in rows:
         print(
@@ -55,6 +68,91 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{_ratio(rate, anchor):>10} {_ratio(rate, model):>9}  {note}".rstrip()
         )
     return 0
+
+
+def _worlds(spec: str) -> List[int]:
+    try:
+        worlds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 1:
+        raise UserError(f"--worlds {spec!r}: give world sizes as a comma-separated list, e.g. 1,2,4,8")
+    return worlds
+
+
+# ------------------------------------------------------------------------------------------ world-size table
+
+
+def _rank_main(cfg, rank: int, world: int, cache_dir: str, tokens: int, go, results) -> None:
+    import resource
+
+    from gptdist.data.loader import build_train_loader
+    from gptdist.data.producers import Sharing
+
+    try:
+        per_batch = cfg.train.micro_batch_size * cfg.model.seq_len
+        go.wait()
+        t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        done = 0
+        with build_train_loader(
+            cfg.data.model_copy(update={"workers": 0}), seq_len=cfg.model.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
+            sharing=Sharing(rank, world, cache_dir),
+        ) as loader:
+            for _ in loader:
+                done += per_batch
+                if done >= tokens:
+                    break
+            stats = loader.stats
+        c1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+        results.put((rank, {"delivered": done, "tokenized": stats["tokens"], "cpu_s": cpu,
+                            "wall_s": time.perf_counter() - t0}))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        results.put((rank, {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def _world_run(cfg, world: int, tokens: int) -> Dict[str, object]:
+    """W loader processes as the data-parallel ranks of one job, one shared cache."""
+    ctx = mp.get_context("fork")
+    go, results = ctx.Event(), ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="gptdist-bench-cache-") as cache:
+        procs = [ctx.Process(target=_rank_main, args=(cfg, r, world, cache, tokens, go, results), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        go.set()
+        ranks = dict(results.get(timeout=1800) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+    errors = [v["error"] for v in ranks.values() if "error" in v]
+    if errors:
+        raise RuntimeError(f"bench data at world {world}: {errors[0]}")
+    return {"world": world, "ranks": [ranks[r] for r in range(world)]}
+
+
+def world_table(runs: Sequence[Dict[str, object]], model: Optional[float]) -> str:
+    head = (f"{'world':>5} {'tokenized/rank':>15} {'x world':>9} {'tokenized/consumed':>18} "
+            f"{'loader tok/s/rank (CPU s)':>25} {'vs trainer':>10} {'wall s':>7}")
+    lines = [head]
+    base = None
+    for run in runs:
+        ranks = run["ranks"]  # type: ignore[index]
+        world = int(run["world"])  # type: ignore[arg-type]
+        per_rank = statistics.median(r["tokenized"] for r in ranks)
+        total = sum(r["tokenized"] for r in ranks)
+        consumed = sum(r["delivered"] for r in ranks)
+        rate = statistics.median(r["delivered"] / max(r["cpu_s"], 1e-9) for r in ranks)
+        wall = max(r["wall_s"] for r in ranks)
+        # Tokenizing per rank relative to world 1's, times the world: 1.00 means it falls exactly as 1/world.
+        base = base if base is not None else per_rank * world
+        scale = per_rank * world / base if base else float("nan")
+        lines.append(f"{world:>5} {per_rank:>15,.0f} {scale:>9.2f} {total / max(consumed, 1):>18.2f} "
+                     f"{rate:>25,.0f} {_ratio(rate, model):>10} {wall:>7.1f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- one-rank rows
 
 
 def _num(rate: Optional[float]) -> str:
@@ -69,7 +167,7 @@ def _loader_run(cfg, workers: int, tokens: int) -> Tuple[float, float]:
     """(tokens/s from build to `tokens` delivered, seconds to the first micro-batch)."""
     from gptdist.data.loader import build_train_loader
 
-    data = cfg.data.model_copy(update={"workers": workers})
+    data = cfg.data.model_copy(update={"workers": workers, "cache": "off"})
     per_batch = cfg.train.micro_batch_size * cfg.model.seq_len
     t0 = time.perf_counter()
     first = None

@@ -46,6 +46,8 @@ class DataPlan:
     on_bad_file: str
     user_tokenizers_parallelism: Optional[str] = None  # TOKENIZERS_PARALLELISM as the user set it, if at all
     digest: str = ""
+    hub_retries: int = 5  # transient hub streaming errors retried this many times in a row (streamed.py)
+    hub_backoff_s: float = 2.0  # first wait; doubled each retry
 
     @property
     def weights(self) -> np.ndarray:

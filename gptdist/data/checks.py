@@ -32,6 +32,35 @@ def check_data(cfg: DataConfig, model_vocab_size: int) -> GPTTokenizer:
     return tok
 
 
+def _has_document(f, text_field: str):
+    """Whether a plain-text or JSONL file holds a non-blank document, read directly (no `datasets`, so a check stays
+    a fraction of a second); None for the kinds only `datasets` reads (Parquet, compressed, JSON arrays)."""
+    import json
+
+    if is_compressed(f.path) or f.kind not in ("text", "json"):
+        return None
+    try:
+        with open(f.path, encoding="utf-8") as fh:
+            if f.kind == "text":
+                while True:
+                    chunk = fh.read(1 << 20)
+                    if not chunk:
+                        return False
+                    if not chunk.isspace():
+                        return True
+            for n, line in enumerate(fh):
+                if n == 0 and line.lstrip().startswith("["):
+                    return None
+                if not line.strip():
+                    continue
+                text = json.loads(line).get(text_field)
+                if isinstance(text, str) and text.strip():
+                    return True
+            return False
+    except (OSError, ValueError, AttributeError):
+        return None  # the reader gives the precise reason
+
+
 def _check_source(src: ResolvedSource, on_bad_file: str) -> None:
     reader = SourceReader(src, on_bad_file)
     for i, f in enumerate(src.files[:_CHECK_FILES]):
@@ -44,8 +73,14 @@ def _check_source(src: ResolvedSource, on_bad_file: str) -> None:
         except BadFile as bad:
             reader.bad_file(i, bad)  # a UserError in fail mode; a warning and a skip in skip mode
     for i in range(reader.n_units):
-        for _ in reader.iter_unit(i):
-            return  # a non-empty document exists
+        if i in reader.bad:
+            continue
+        found = _has_document(src.files[i], src.text_field) if src.hub is None else None
+        if found:
+            return
+        if found is None:  # cannot tell without reading it as training does
+            for _ in reader.iter_unit(i):
+                return  # a non-empty document exists
     bad = f" ({len(reader.bad)} bad file(s) skipped)" if reader.bad else ""
     raise UserError(
         f"{src.describe()}: empty source, no non-empty document in its {reader.n_units} file(s){bad}; "

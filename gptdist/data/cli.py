@@ -1,4 +1,4 @@
-"""Command-line parts owned by the data package: `data preview`, `tokenizer train` and `bench data`.
+"""Command-line parts owned by the data package: `data preview`, `data cache`, `tokenizer train` and `bench data`.
 
 gptdist/cli.py calls register_data_commands(subparsers) and register_bench_data(bench_subparsers); each command's
 func(args) returns the exit status.
@@ -28,6 +28,20 @@ def register_data_commands(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line: index and the seq_len+1 ids")
     p.set_defaults(func=preview_command)
 
+    c = data_sub.add_parser(
+        "cache",
+        help="tokenize a run's data into its token cache ahead of the run",
+        description="Fill the token cache a run reads (data.cache: RUN_DIR/token_cache or a shared folder) with the "
+        "blocks its steps consume, using the run's own tokenizing workers. Blocks already cached are checked and "
+        "kept; a run started afterwards tokenizes nothing that is cached.",
+    )
+    c.add_argument("config", help="run config YAML")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cache=/shared/token_cache")
+    c.add_argument("--tokens", type=int, default=None,
+                   help="tokens to cache (default: what train.steps consume, steps x global batch x (seq_len+1))")
+    c.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: the CPU cores)")
+    c.set_defaults(func=cache_command)
+
     tok = subparsers.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="WHAT")
     t = tok_sub.add_parser(
@@ -48,13 +62,17 @@ def register_data_commands(subparsers: Any) -> None:
 def register_bench_data(bench_subparsers: Any) -> None:
     b = bench_subparsers.add_parser(
         "data",
-        help="loader tokens/s vs datasets map() and vs the model's training speed",
-        description="One table, measured in one run: the loader with 0 and W workers, datasets' non-streaming "
+        help="loader tokens/s per rank at each world size, vs datasets map() and vs the model's training speed",
+        description="Two tables, measured in one run: W loader processes as the data-parallel ranks of one job "
+        "sharing a token cache, for each W in --worlds (tokenizing per rank and in total, tokens/s per rank "
+        "against the trainer's); then one rank: the loader with 0 and W workers, datasets' non-streaming "
         "load_dataset + map(batched=True) on the same text and tokenizer, and the model's training tokens/s.",
     )
     b.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default configs/tiny-cpu.yaml)")
     b.add_argument("overrides", nargs="*", help="key=value overrides")
-    b.add_argument("--tokens", type=int, default=1_000_000, help="tokens per loader/anchor measurement (default 1e6)")
+    b.add_argument("--tokens", type=int, default=1_000_000,
+                   help="tokens per rank and per loader/anchor measurement (default 1e6)")
+    b.add_argument("--worlds", default="1,2,4,8", help="world sizes of the first table (default 1,2,4,8)")
     b.add_argument("--workers", type=int, default=2, help="worker processes for the second loader row (default 2)")
     b.add_argument("--repeats", type=int, default=3, help="repeats per row; the table shows medians (default 3)")
     b.add_argument("--model-steps", type=int, default=5, help="timed training steps per repeat (default 5)")
@@ -86,6 +104,33 @@ def preview_command(args: argparse.Namespace) -> int:
             print(f"=== sample {index} (rank {args.rank} of {args.world}, {len(ids)} tokens) ===")
             print(tok.decode(ids))
         shown += 1
+    return 0
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    import os
+
+    from gptdist.config import load_config
+    from gptdist.data.checks import check_data
+    from gptdist.data.fill_cache import fill_cache, tokens_for_steps
+
+    cfg = load_config(args.config, args.overrides)
+    check_data(cfg.data, cfg.model.vocab_size)
+    tokens = args.tokens if args.tokens is not None else tokens_for_steps(cfg)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else cores
+    from tqdm import tqdm
+
+    with tqdm(total=tokens, unit="tok", unit_scale=True, desc="token cache", leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(min(done, total) - bar.n)
+
+        report = fill_cache(cfg, tokens, workers, progress=progress)
+    s = report.stats
+    rate = s["tokens"] / report.seconds if report.seconds > 0 else 0.0
+    print(f"token cache {report.folder}: blocks 0-{report.blocks - 1} hold {report.tokens:,} tokens; "
+          f"{s['blocks_tokenized']} block(s) ({s['tokens']:,} tokens) tokenized now by {workers} worker(s) at "
+          f"{rate:,.0f} tokens/s, {report.cached_before} already cached, in {report.seconds:.1f} s")
     return 0
 
 

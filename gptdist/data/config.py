@@ -34,8 +34,16 @@ class DataConfig(BaseModel):
     on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip it with a warning")
     cache: str = Field("run", min_length=1, description="token cache: 'run' (RUN_DIR/token_cache), 'off' (every rank "
                                                         "tokenizes what it reads), or a folder shared by runs")
+    hub_retries: int = Field(5, ge=0, description="transient errors streaming a hub dataset retried this many times "
+                                                  "in a row (waits double from hub_backoff_s) before the run stops")
+    hub_backoff_s: float = Field(2.0, ge=0, description="seconds before the first retry of a hub stream")
     cache_scope: Literal["job", "node"] = Field("job", description="who shares the tokenizing: the whole job (the cache "
                                                                   "folder is on a filesystem all nodes see) or each node")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
     @field_validator("sources", mode="before")
     @classmethod

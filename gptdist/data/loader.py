@@ -43,6 +43,8 @@ def make_plan(cfg: DataConfig, seed: int) -> Tuple[DataPlan, GPTTokenizer]:
         on_bad_file=cfg.on_bad_file,
         user_tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
         digest=plan_digest(sources, tok.identity, block, shuffle),
+        hub_retries=cfg.hub_retries,
+        hub_backoff_s=cfg.hub_backoff_s,
     )
     return plan, tok
 
@@ -165,7 +167,7 @@ class TrainLoader:
         self.close()
 
 
-class _Blocks:
+class BlockReader:
     """Blocks in order from the cache: this rank's reader. Tells the producers where it is; waits for blocks other
     workers make; re-tokenizes a block that is damaged, or that does not come within `wait_s`."""
 
@@ -174,11 +176,12 @@ class _Blocks:
         self.next = start.block
         self.cursors = [list(c) for c in (start.cursors or plan.initial_cursors())]
         self.read = 0
+        self.damaged = 0  # damaged cache blocks found (and tokenized again)
         self.first = -1
-        self.here = {"blocks": 0, "documents": 0, "tokens": 0}  # tokenized by this reader itself
+        self.here = {"blocks": 0, "documents": 0, "tokens": 0, "bytes": 0}  # tokenized by this reader itself
         self._maker = None
 
-    def __iter__(self) -> "_Blocks":
+    def __iter__(self) -> "BlockReader":
         return self
 
     def __next__(self) -> TokBlock:
@@ -193,6 +196,7 @@ class _Blocks:
                 break
             if problem is not None:
                 log.warning("%s; tokenizing it again", problem)
+                self.damaged += 1
                 tokens, meta = self._tokenize_here(c)
                 break
             self.producer.check()
@@ -220,7 +224,7 @@ class _Blocks:
         maker, tok = self._maker
         block, end = maker.tokenized(tok, c, self.cursors)
         meta = {"start": block.cursors, "end": end, "documents": block.documents, "bad": block.bad}
-        self.cache.put_block(c, block.tokens, meta)
+        self.here["bytes"] += self.cache.put_block(c, block.tokens, meta)
         self.cache.get_block(c)  # a memory cache hands each block out once
         self.here["blocks"] += 1
         self.here["documents"] += block.documents
@@ -233,7 +237,8 @@ class _Blocks:
                 "documents_tokenized": made["documents"] + self.here["documents"],
                 "tokens": made["tokens"] + self.here["tokens"], "blocks_read": self.read, "first_block": self.first,
                 "blocks_reused": made["reused"], "indexes_built": made["indexes_built"],
-                "bytes_written": made["bytes_written"]}
+                "bytes_written": made["bytes_written"] + self.here["bytes"], "index_bytes": made["index_bytes"],
+                "blocks_damaged": self.damaged}
 
 
 class _Producer:
@@ -255,14 +260,14 @@ class _Producer:
         cache = open_cache(plan, cache_dir)
         total = sharing.ranks * max(1, workers)
         first = sharing.global_worker(0, workers)
-        lookahead = total + 2  # about one block ahead per worker (module docstring of producers.py)
+        lookahead = total + 1  # one block ahead per worker (module docstring of producers.py)
         cursors = start.cursors or plan.initial_cursors()
         if workers > 0:
             # Worker processes start here, in the caller's thread, never from the packing thread.
             self.producer = ProcessProducers(plan, cache_dir, start.block, cursors, first, workers, total, lookahead)
         else:
             self.producer = ThreadProducer(plan, cache, start.block, cursors, first, total, lookahead)
-        self.blocks = _Blocks(plan, cache, start, self.producer)
+        self.blocks = BlockReader(plan, cache, start, self.producer)
         packer = Packer(self.blocks, loader.seq_len, start, on_block=bad.see)
         seq_len = loader.seq_len
 

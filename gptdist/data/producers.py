@@ -4,7 +4,7 @@ the token cache, and every rank reads the blocks it needs from there.
 Worker g of G (G = producing ranks x max(1, data.workers); the producing ranks are those that read data: every
 data-parallel rank, and in each replica the first and last pipeline stages and all their tensor-parallel ranks)
 owns blocks c with c mod G == g. It tokenizes an owned block only when its rank's reader is within `lookahead`
-blocks of it (G + 2: about one block ahead per worker), so a job tokenizes what it consumes plus that look-ahead,
+blocks of it (G + 1: one block ahead per worker, past the one being read), so a job tokenizes what it consumes plus that look-ahead,
 and each token once. A block already in the cache (a previous run over the same data, `gptdist data cache`, a
 restart) is not tokenized again.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.data.blocks import Cursor, DataPlan
-from gptdist.data.stream import BlockMaker, Indexes
+from gptdist.data.stream import BlockMaker, Indexes, Stopped
 from gptdist.errors import UserError
 
 log = logging.getLogger("gptdist.data")
@@ -50,6 +50,7 @@ class ProducerStats:
     tokens: int = 0
     bytes_written: int = 0
     indexes_built: int = 0
+    index_bytes: int = 0  # bytes of document indexes written
     reused: int = 0  # owned blocks found already in the cache
 
     def as_dict(self) -> Dict[str, int]:
@@ -84,8 +85,15 @@ def produce(plan: DataPlan, cache, start_block: int, cursors: Sequence[Sequence[
     from gptdist.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(plan.tokenizer)
-    indexes = Indexes(plan, cache, me, total)
+    indexes = Indexes(plan, cache, me, total, stop=stop)
     maker = BlockMaker(plan, indexes)
+    try:
+        _produce(plan, cache, tok, indexes, maker, start_block, cursors, me, total, consumer_at, stop, stats, lookahead)
+    except Stopped:
+        return
+
+
+def _produce(plan, cache, tok, indexes, maker, start_block, cursors, me, total, consumer_at, stop, stats, lookahead):
     c = start_block + (me - start_block) % total
     cur: List[Cursor] = maker.cursors_at(c, start_block, cursors)
     while not stop.is_set():
@@ -104,6 +112,7 @@ def produce(plan: DataPlan, cache, start_block: int, cursors: Sequence[Sequence[
             stats.documents += block.documents
             stats.tokens += len(block.tokens)
         stats.indexes_built = indexes.built
+        stats.index_bytes = indexes.bytes_written
         cur = maker.cursors_at(c + total, c + 1, end)
         c += total
 
@@ -188,7 +197,7 @@ class _Counting(ProducerStats):
 class ProcessProducers:
     """data.workers = W > 0: W producing processes of this rank."""
 
-    FIELDS = ("blocks", "documents", "tokens", "bytes_written", "indexes_built", "reused")
+    FIELDS = ("blocks", "documents", "tokens", "bytes_written", "indexes_built", "index_bytes", "reused")
 
     def __init__(self, plan: DataPlan, cache_dir: str, start_block: int, cursors, first: int, workers: int,
                  total: int, lookahead: int) -> None:

@@ -83,8 +83,15 @@ class SourceReader:
     # -- reading ------------------------------------------------------------------------------------------------
 
     def _read(self, i: int) -> Iterator[List[str]]:
+        yield from self.docs_of(self.dataset(i), i)
+
+    def dataset(self, i: int) -> Any:
+        """The `datasets` IterableDataset of unit i (streamed.py loads positions into it)."""
+        return self._hub() if self.src.hub is not None else self._shard(i)
+
+    def docs_of(self, ds: Any, i: int) -> Iterator[List[str]]:
+        """Non-empty documents of unit i's dataset, batch by batch; BadFile for a record without text."""
         field = self.src.text_field
-        ds = self._hub() if self.src.hub is not None else self._shard(i)
         for batch in ds.iter(batch_size=_ITER_BATCH):
             texts = batch.get(field)
             if texts is None or not all(type(t) is str for t in texts):

@@ -7,8 +7,8 @@ doc_index.py). So the source cursors at any block follow from the cursors at an 
 block's documents are read by positioned reads of just those documents. A resume from block 100,000 costs what a
 resume from block 100 does.
 
-Sources that cannot be indexed (compressed files, hub datasets) are read by streaming from the start of their unit
-(a file, or the whole hub dataset) up to the cursor, as before; their document counts come from that reading.
+Sources that cannot be indexed (compressed files, hub datasets) are read forward through `datasets` streaming,
+from the newest position saved in the token cache at or before the cursor (streamed.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from gptdist.data.blocks import _FILES, _MIX, _PERM, Cursor, DataPlan, TokBlock
 from gptdist.data.doc_index import DocIndex, build_index, file_key, indexable
 from gptdist.data.reader import BadFile, SourceReader
 from gptdist.data.sources import ResolvedSource
+from gptdist.data.streamed import StreamedUnit
 from gptdist.errors import UserError
 
 log = logging.getLogger("gptdist.data")
 ReportFn = Callable[[str, str], None]
+
+
+class Stopped(Exception):
+    """The loader closed while this worker waited for another's document index."""
 
 
 class Indexes:
@@ -34,12 +39,15 @@ class Indexes:
     sharing a cache, each file is indexed by the rank it is assigned to (`owner(position) == me`); the others
     wait for its index, and build it themselves only if it does not come (`wait_s`)."""
 
-    def __init__(self, plan: DataPlan, cache, me: int = 0, producers: int = 1, wait_s: float = 120.0) -> None:
+    def __init__(self, plan: DataPlan, cache, me: int = 0, producers: int = 1, wait_s: float = 120.0,
+                 stop=None) -> None:
         self.plan, self.cache, self.me, self.producers, self.wait_s = plan, cache, me, producers, wait_s
+        self.stop = stop  # Event-like: set when the loader closes, ending a wait at once (Stopped)
         self._mem: Dict[Tuple[int, int], DocIndex] = {}
         self.keys = {(s.index, i): file_key(f, s.text_split, s.text_field)
                      for s in plan.sources if s.hub is None for i, f in enumerate(s.files) if indexable(f)}
         self.built = 0  # indexes this process built
+        self.bytes_written = 0
 
     def get(self, src: ResolvedSource, i: int) -> DocIndex:
         got = self._mem.get((src.index, i))
@@ -51,11 +59,13 @@ class Indexes:
             mine = (src.index * 7919 + i) % self.producers == self.me
             deadline = time.monotonic() + (0 if mine else self.wait_s)
             while index is None and time.monotonic() < deadline:
+                if self.stop is not None and self.stop.is_set():
+                    raise Stopped()
                 time.sleep(0.05)
                 index = self.cache.load_index(key)
             if index is None:
                 index = build_index(src.files[i], src.text_split, src.text_field)
-                self.cache.save_index(key, index)
+                self.bytes_written += self.cache.save_index(key, index)
                 self.built += 1
         self._mem[(src.index, i)] = index
         return index
@@ -67,7 +77,7 @@ class SourceDocs:
     def __init__(self, src: ResolvedSource, plan: DataPlan, indexes: Indexes, report: ReportFn) -> None:
         self.src, self.plan, self.indexes, self.report = src, plan, indexes, report
         self.reader = SourceReader(src, plan.on_bad_file, report)
-        self._streamed: Dict[int, List[str]] = {}  # unindexed units read whole, kept while in use
+        self._streamed: Dict[int, StreamedUnit] = {}  # the unindexed unit being read (one at a time)
         self._reported: set = set()
 
     @property
@@ -77,23 +87,27 @@ class SourceDocs:
     def _indexed(self, i: int) -> bool:
         return self.src.hub is None and indexable(self.src.files[i])
 
-    def count(self, i: int) -> int:
+    def at_least(self, i: int, n: int, floor: int) -> int:
+        """min(n, documents in unit i): exact from an index; a streamed unit is read only as far as n (and need
+        not keep the documents before `floor`)."""
         if self._indexed(i):
             index = self.indexes.get(self.src, i)
             if index.mode == "bad":
                 self._bad(i, index)
                 return 0
-            return index.n_docs
-        return len(self._stream(i))
+            return min(n, index.n_docs)
+        return self._stream(i).at_least(n, floor)
 
     def read(self, i: int, lo: int, hi: int) -> List[str]:
         if self._indexed(i):
             return self.indexes.get(self.src, i).read(lo, hi)
-        return self._stream(i)[lo:hi]
+        return self._stream(i).read(lo, hi)
 
-    def _stream(self, i: int) -> List[str]:
+    def _stream(self, i: int) -> StreamedUnit:
         if i not in self._streamed:
-            self._streamed = {i: [d for batch in self.reader.iter_unit(i) for d in batch]}  # one unit at a time
+            unit = StreamedUnit(self.reader, i, self.indexes.cache, keep=2 * self.plan.block_size,
+                                retries=self.plan.hub_retries, backoff_s=self.plan.hub_backoff_s)
+            self._streamed = {i: unit}  # one unit at a time
         return self._streamed[i]
 
     def _bad(self, i: int, index: DocIndex) -> None:
@@ -136,7 +150,7 @@ class Positions:
                 epoch, fpos, used = epoch + 1, 0, 0
                 continue
             f = order[fpos]
-            n = self.docs.count(f)
+            n = self.docs.at_least(f, used + k, used)  # = used + k while the file has that many
             if used < n:
                 step = min(k, n - used)
                 runs.append((f, used, used + step))

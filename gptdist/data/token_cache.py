@@ -3,6 +3,8 @@
     CACHE/                                   data.cache (default RUN_DIR/token_cache; a shared path to reuse it)
       index/<file key>.npz, .json            each local file's document index (doc_index.py), keyed by the file's
                                              path, size and modification time: rebuilt only when the file changes
+      seek/<unit key>/<documents>.json       positions in streamed sources (hub datasets, compressed files):
+                                             `datasets`' state_dict after that many documents (streamed.py)
       blocks/<stream key>/<block>.tok, .json  block c of the mixed, shuffled document stream: its tokens (uint16,
                                              or int32 for vocabularies over 65535), and a record with the token
                                              count, a checksum and the source cursors at its start and end
@@ -31,6 +33,21 @@ import numpy as np
 from gptdist.data.doc_index import DocIndex
 
 log = logging.getLogger("gptdist.data")
+
+
+def cache_folder(data_cfg, run_dir: Path) -> Optional[Path]:
+    """Where data.cache points: RUN_DIR/token_cache for 'run', None for 'off', else the folder given."""
+    spec = data_cfg.cache
+    if spec == "off":
+        return None
+    return Path(run_dir) / "token_cache" if spec == "run" else Path(spec).expanduser()
+
+
+def node_folder(folder: Path) -> Path:
+    """data.cache_scope=node: this node's own part of the cache folder."""
+    import socket
+
+    return Path(folder) / f"node-{socket.gethostname()}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -73,15 +90,36 @@ class CacheDir:
                 p.unlink(missing_ok=True)
             return None
 
-    def save_index(self, key: str, index: DocIndex) -> None:
+    def save_index(self, key: str, index: DocIndex) -> int:
+        """Writes the index; returns the bytes written."""
         import io
 
         arrays = index.to_arrays()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         _atomic_write(self.index_dir / f"{key}.npz", buf.getvalue())
-        meta = {**index.meta(), "checksum": checksum(arrays["starts"].tobytes() + arrays["ends"].tobytes())}
-        _atomic_write(self.index_dir / f"{key}.json", json.dumps(meta).encode())
+        meta = json.dumps({**index.meta(), "checksum": checksum(arrays["starts"].tobytes() + arrays["ends"].tobytes())})
+        _atomic_write(self.index_dir / f"{key}.json", meta.encode())
+        return len(buf.getvalue()) + len(meta)
+
+    # ------------------------------------------------------------------------- positions in streamed sources
+
+    def save_seek(self, key: str, documents: int, position) -> None:
+        folder = self.root / "seek" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / f"{documents:012d}.json", json.dumps({"documents": documents, "position": position}).encode())
+
+    def seeks(self, key: str):
+        """(documents, datasets position) saved for a streamed unit; unreadable entries are skipped."""
+        folder = self.root / "seek" / key
+        out = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                entry = json.loads(path.read_text())
+                out.append((int(entry["documents"]), entry["position"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
 
     # ------------------------------------------------------------------------------------------------- blocks
 
@@ -134,14 +172,22 @@ class MemoryCache:
 
     def __init__(self) -> None:
         self._indexes: Dict[str, DocIndex] = {}
+        self._seeks: Dict[str, list] = {}
         self._blocks: Dict[int, Tuple[np.ndarray, dict]] = {}
         self._lock = threading.Lock()
 
     def load_index(self, key: str) -> Optional[DocIndex]:
         return self._indexes.get(key)
 
-    def save_index(self, key: str, index: DocIndex) -> None:
+    def save_index(self, key: str, index: DocIndex) -> int:
         self._indexes[key] = index
+        return 0
+
+    def save_seek(self, key: str, documents: int, position) -> None:
+        self._seeks.setdefault(key, []).append((documents, position))
+
+    def seeks(self, key: str):
+        return list(self._seeks.get(key, ()))
 
     def block_meta(self, c: int) -> Optional[dict]:
         entry = self._blocks.get(c)

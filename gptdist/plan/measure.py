@@ -29,6 +29,7 @@ class Measured:
     error: str = ""
     reports: Dict[int, dict] = field(default_factory=dict)  # rank -> RUN_DIR/memory/rank_<r>.json
     vm_hwm: Dict[int, int] = field(default_factory=dict)  # rank -> peak RSS bytes seen from outside
+    io: Dict[int, Dict[str, int]] = field(default_factory=dict)  # rank -> /proc/PID/io counters, as last seen
     step_times: List[float] = field(default_factory=list)
 
     @property
@@ -42,12 +43,13 @@ class Measured:
 
 class RankWatcher(threading.Thread):
     """Polls /proc every `interval` s for processes running `gptdist.cli train` with `marker` on the command
-    line; records the largest VmHWM of each, by its RANK."""
+    line; records the largest VmHWM of each, by its RANK, and its I/O counters (/proc/PID/io) as last seen."""
 
     def __init__(self, marker: str, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.marker, self.interval = marker, interval
         self.hwm: Dict[int, int] = {}
+        self.io: Dict[int, Dict[str, int]] = {}  # rchar, wchar, ... of each rank's process
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -68,10 +70,12 @@ class RankWatcher(threading.Thread):
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
                 status = Path(f"/proc/{pid}/status").read_text()
+                io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
             except (OSError, ValueError):
                 continue  # gone, or not ours to read
             if rank is None:
                 continue
+            self.io[rank] = {k: int(v) for k, v in io.items()}
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     value = int(line.split()[1]) * 1024
@@ -105,6 +109,7 @@ def run_layout(config: str, overrides: Sequence[str], ranks: int, run_dir: Path,
     finally:
         watcher.stop()
     out.vm_hwm = dict(watcher.hwm)
+    out.io = dict(watcher.io)
     from gptdist.train.memory import read_reports
 
     if (run_dir / "memory").is_dir():

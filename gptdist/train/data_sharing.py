@@ -11,22 +11,15 @@ filesystem. data.cache=off: no folder, every rank tokenizes all it reads.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any, Dict
 
 from gptdist.data.producers import Sharing
-
-
-def cache_folder(cfg, run_dir: Path) -> Path | None:
-    spec = cfg.data.cache
-    if spec == "off":
-        return None
-    return run_dir / "token_cache" if spec == "run" else Path(spec).expanduser()
+from gptdist.data.token_cache import cache_folder, node_folder
 
 
 def data_sharing(cfg, topology, place, run_dir: Path) -> Sharing:
-    folder = cache_folder(cfg, run_dir)
+    folder = cache_folder(cfg.data, run_dir)
     if folder is None:
         return Sharing()
     pp = topology.layout.pp
@@ -37,7 +30,7 @@ def data_sharing(cfg, topology, place, run_dir: Path) -> Sharing:
     if cfg.data.cache_scope == "node":
         first = place.rank - place.local_rank  # launchers number a node's ranks contiguously
         candidates = range(first, first + place.local_world_size)
-        folder = folder / f"node-{socket.gethostname()}"
+        folder = node_folder(folder)
     else:
         candidates = range(place.world_size)
     producers = [r for r in candidates if reads_data(r)]
@@ -62,10 +55,8 @@ class DataReport:
         return self._loader.stats
 
     def close(self) -> None:
-        try:
-            stats = dict(self._loader.stats)
-        finally:
-            self._loader.close()
+        self._loader.close()
+        stats = dict(self._loader.stats)  # after close: a block being written at the time is in it
         folder = self._run_dir / "data"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank_{self._rank}.json").write_text(json.dumps({"rank": self._rank, **stats}, indent=1))
