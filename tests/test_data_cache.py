@@ -12,13 +12,12 @@ import logging
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from gptdist.cli import main
 from gptdist.data import DataConfig, build_train_loader
 from gptdist.data.producers import Sharing
-from tests.data_helpers import data_cfg, paragraph, tiny, write_text_files  # noqa: F401
+from tests.data_helpers import data_cfg, tiny, write_text_files  # noqa: F401
 
 SEQ = 15
 KW = dict(seq_len=SEQ, micro_batch_size=4, dp_rank=0, dp_size=1, seed=4)
