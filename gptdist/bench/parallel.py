@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 from gptdist.errors import UserError
 from gptdist.train.profiling import read_profiles
+from gptdist.machine import usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +101,7 @@ class Outcome:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, out_dir: Path, timeout: float,

@@ -10,7 +10,6 @@ GPT2LMHeadModel, and the matmul ceiling that MFU is measured against.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
@@ -18,6 +17,7 @@ from gptdist.bench.runners import ROWS, TITLES
 from gptdist.bench.table import build_lines, format_table
 from gptdist.bench.workers import measure_rows
 from gptdist.config import RunConfig, load_config
+from gptdist.machine import usable_cores
 
 
 def bench_config(path: str, overrides: Sequence[str]) -> RunConfig:
@@ -34,7 +34,7 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return f"CPU, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 

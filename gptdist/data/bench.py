@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gptdist.errors import UserError
+from gptdist.machine import usable_cores
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tok = check_data(cfg.data, cfg.model.vocab_size)
     seq_len, batch = cfg.model.seq_len, cfg.train.micro_batch_size
     model, model_note = _model_rate(cfg, args.model_steps, args.repeats)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     print(
         f"gptdist bench data: {args.config}, tokenizer {cfg.data.tokenizer} ({tok.vocab_size} tokens), "
         f"text_split={cfg.data.text_split}, seq_len={seq_len}, micro_batch={batch}, {args.tokens:,} tokens per job "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
+from gptdist.machine import usable_cores
 
 
 def register_data_commands(subparsers: Any) -> None:
@@ -108,8 +109,6 @@ def preview_command(args: argparse.Namespace) -> int:
 
 
 def cache_command(args: argparse.Namespace) -> int:
-    import os
-
     from gptdist.config import load_config
     from gptdist.data.checks import check_data
     from gptdist.data.fill_cache import fill_cache, tokens_for_steps
@@ -117,7 +116,7 @@ def cache_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_data(cfg.data, cfg.model.vocab_size)
     tokens = args.tokens if args.tokens is not None else tokens_for_steps(cfg)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     workers = args.workers if args.workers is not None else cores
     from tqdm import tqdm
 

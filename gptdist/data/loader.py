@@ -21,9 +21,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest
 from gptdist.data.config import DataConfig
 from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
-from gptdist.data.producers import ProcessProducers, Sharing, ThreadProducer, open_cache
+from gptdist.data.producers import ProcessProducers, ProducerStats, Sharing, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
 from gptdist.data.stream import BlockMaker, Indexes
+from gptdist.data.token_cache import block_record
 from gptdist.data.tokenizer import GPTTokenizer, load_tokenizer
 
 log = logging.getLogger("gptdist.data")
@@ -178,7 +179,7 @@ class BlockReader:
         self.read = 0
         self.damaged = 0  # damaged cache blocks found (and tokenized again)
         self.first = -1
-        self.here = {"blocks": 0, "documents": 0, "tokens": 0, "bytes": 0}  # tokenized by this reader itself
+        self.here = ProducerStats()  # blocks this reader had to tokenize itself
         self._maker = None
 
     def __iter__(self) -> "BlockReader":
@@ -218,26 +219,20 @@ class BlockReader:
 
     def _tokenize_here(self, c: int):
         if self._maker is None:
-            from gptdist.data.stream import BlockMaker, Indexes
-
             self._maker = (BlockMaker(self.plan, Indexes(self.plan, self.cache)), load_tokenizer(self.plan.tokenizer))
         maker, tok = self._maker
         block, end = maker.tokenized(tok, c, self.cursors)
-        meta = {"start": block.cursors, "end": end, "documents": block.documents, "bad": block.bad}
-        self.here["bytes"] += self.cache.put_block(c, block.tokens, meta)
+        self.here.add(block, self.cache.put_tokenized(block, end))
         self.cache.get_block(c)  # a memory cache hands each block out once
-        self.here["blocks"] += 1
-        self.here["documents"] += block.documents
-        self.here["tokens"] += len(block.tokens)
-        return block.tokens, meta
+        return block.tokens, block_record(block, end)
 
     def stats(self) -> Dict[str, int]:
-        made = self.producer.totals()
-        return {"blocks_tokenized": made["blocks"] + self.here["blocks"],
-                "documents_tokenized": made["documents"] + self.here["documents"],
-                "tokens": made["tokens"] + self.here["tokens"], "blocks_read": self.read, "first_block": self.first,
+        made, here = self.producer.totals(), self.here
+        return {"blocks_tokenized": made["blocks"] + here.blocks,
+                "documents_tokenized": made["documents"] + here.documents,
+                "tokens": made["tokens"] + here.tokens, "blocks_read": self.read, "first_block": self.first,
                 "blocks_reused": made["reused"], "indexes_built": made["indexes_built"],
-                "bytes_written": made["bytes_written"] + self.here["bytes"], "index_bytes": made["index_bytes"],
+                "bytes_written": made["bytes_written"] + here.bytes_written, "index_bytes": made["index_bytes"],
                 "blocks_damaged": self.damaged}
 
 

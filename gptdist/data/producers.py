@@ -19,7 +19,7 @@ import multiprocessing as mp
 import os
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -53,8 +53,15 @@ class ProducerStats:
     index_bytes: int = 0  # bytes of document indexes written
     reused: int = 0  # owned blocks found already in the cache
 
+    def add(self, block, bytes_written: int) -> None:
+        """One block tokenized and written."""
+        self.blocks += 1
+        self.documents += block.documents
+        self.tokens += len(block.tokens)
+        self.bytes_written += bytes_written
+
     def as_dict(self) -> Dict[str, int]:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def open_cache(plan: DataPlan, cache_dir: Optional[str]):
@@ -106,11 +113,7 @@ def _produce(plan, cache, tok, indexes, maker, start_block, cursors, me, total, 
             stats.reused += 1
         else:
             block, end = maker.tokenized(tok, c, cur)
-            stats.bytes_written += cache.put_block(c, block.tokens, {
-                "start": block.cursors, "end": end, "documents": block.documents, "bad": block.bad})
-            stats.blocks += 1
-            stats.documents += block.documents
-            stats.tokens += len(block.tokens)
+            stats.add(block, cache.put_tokenized(block, end))
         stats.indexes_built = indexes.built
         stats.index_bytes = indexes.bytes_written
         cur = maker.cursors_at(c + total, c + 1, end)
@@ -160,16 +163,9 @@ def _process_main(plan, cache_dir, start_block, cursors, me, total, lookahead, p
         torch.set_num_threads(1)
     except ImportError:
         pass
-    class _Stop:
-        def is_set(self):
-            return stop.is_set()
-
-        def wait(self, t):
-            return stop.wait(t)
-
     try:
         cache = open_cache(plan, cache_dir)
-        produce(plan, cache, start_block, cursors, me, total, lambda: position.value, _Stop(), _Counting(counters),
+        produce(plan, cache, start_block, cursors, me, total, lambda: position.value, stop, _Counting(counters),
                 lookahead)
     except UserError as exc:
         errors.put(("user", str(exc)))
@@ -190,14 +186,12 @@ class _Counting(ProducerStats):
         if counters is not None and name in counters:
             counters[name].value = value
 
-    def as_dict(self) -> Dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 class ProcessProducers:
     """data.workers = W > 0: W producing processes of this rank."""
 
-    FIELDS = ("blocks", "documents", "tokens", "bytes_written", "indexes_built", "index_bytes", "reused")
+    FIELDS = tuple(f.name for f in fields(ProducerStats))
 
     def __init__(self, plan: DataPlan, cache_dir: str, start_block: int, cursors, first: int, workers: int,
                  total: int, lookahead: int) -> None:

@@ -69,7 +69,6 @@ class StreamedUnit:
         self._initial: Any = None  # the dataset's position before its first document
         self._state: Tuple[int, Any] = (0, None)  # (documents, datasets position) at the last batch end
         self._saved_at = 0
-        self.read_docs = 0  # documents this process read from the unit (seeks make it small)
 
     @property
     def end(self) -> int:
@@ -78,9 +77,9 @@ class StreamedUnit:
     def at_least(self, n: int, floor: int) -> int:
         """min(n, documents in the unit), reading forward only as far as needed; documents before `floor` will not
         be asked for again (they may be dropped)."""
+        self.floor = floor  # first: a seek reads forward from here and must not drop what is asked for
         if floor < self.base:
             self._seek(floor)
-        self.floor = floor
         while self.end < n and not self.done:
             self._more()
         return min(n, self.end)
@@ -119,7 +118,6 @@ class StreamedUnit:
                 self.sleep(wait)
                 self._reopen_at(self.end)
         self.buf.extend(docs)
-        self.read_docs += len(docs)
         self._state = (self.end, position)
         if self.floor - self.base > self.keep:  # bounded memory: drop what will not be asked for again
             drop = min(self.floor - self.base, len(self.buf))

@@ -50,6 +50,12 @@ def node_folder(folder: Path) -> Path:
     return Path(folder) / f"node-{socket.gethostname()}"
 
 
+def block_record(block, end) -> dict:
+    """What a cached block records besides its tokens: the source cursors at its start and end, its document count
+    and the files found bad before it."""
+    return {"start": block.cursors, "end": end, "documents": block.documents, "bad": block.bad}
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as fh:
@@ -162,6 +168,9 @@ class CacheDir:
         _atomic_write(self.block_dir / f"{c:09d}.json", encoded)
         return len(data) + len(encoded)
 
+    def put_tokenized(self, block, end) -> int:
+        return self.put_block(block.index, block.tokens, block_record(block, end))
+
     def drop_block(self, c: int) -> None:
         for suffix in (".json", ".tok"):
             (self.block_dir / f"{c:09d}{suffix}").unlink(missing_ok=True)
@@ -204,6 +213,9 @@ class MemoryCache:
         with self._lock:
             self._blocks[c] = (tokens, {**meta, "block": c, "tokens": int(len(tokens))})
         return 0
+
+    def put_tokenized(self, block, end) -> int:
+        return self.put_block(block.index, block.tokens, block_record(block, end))
 
     def drop_block(self, c: int) -> None:
         self._blocks.pop(c, None)

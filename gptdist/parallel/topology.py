@@ -56,8 +56,11 @@ class Topology:
 
     @property
     def needs_data(self) -> bool:
+        return self.reads_data(self.rank)
+
+    def reads_data(self, rank: int) -> bool:
         """Only the first stage (inputs) and the last (targets) read batches."""
-        return self.is_first_stage or self.is_last_stage
+        return self.topo.get_coord(rank).pipe in (0, self.layout.pp - 1)
 
     # ---- DeepSpeed's mpu interface (pp = 1, where "model parallel" means tensor parallel)
     def get_model_parallel_rank(self) -> int:

@@ -12,12 +12,12 @@ planner marks unchecked predictions in its table.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 from gptdist.errors import UserError
+from gptdist.machine import usable_cores
 
 GiB = 2**30
 
@@ -75,7 +75,7 @@ def cpu_hardware(ranks_per_node: int) -> Hardware:
 
     from gptdist.train.metrics import measure_matmul_flops
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = max(1, cores // max(1, ranks_per_node))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

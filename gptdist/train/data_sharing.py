@@ -22,18 +22,13 @@ def data_sharing(cfg, topology, place, run_dir: Path) -> Sharing:
     folder = cache_folder(cfg.data, run_dir)
     if folder is None:
         return Sharing()
-    pp = topology.layout.pp
-
-    def reads_data(rank: int) -> bool:
-        return topology.topo.get_coord(rank).pipe in (0, pp - 1)
-
     if cfg.data.cache_scope == "node":
         first = place.rank - place.local_rank  # launchers number a node's ranks contiguously
         candidates = range(first, first + place.local_world_size)
         folder = node_folder(folder)
     else:
         candidates = range(place.world_size)
-    producers = [r for r in candidates if reads_data(r)]
+    producers = [r for r in candidates if topology.reads_data(r)]
     return Sharing(producers.index(place.rank), len(producers), str(folder))
 
 
