@@ -62,7 +62,7 @@ class _Inventory:
             return
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError):  # no storage of its own (sparse, nested, wrapper tensors)
             return
         size = storage.nbytes()
         key = (str(tensor.device), storage.data_ptr())
