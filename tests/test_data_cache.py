@@ -7,6 +7,7 @@ test_data_scale.py.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -125,23 +126,44 @@ def test_resume_costs_the_same_fifty_times_further_into_a_20_mb_corpus(tmp_path,
             if nxt >= far:
                 break
 
-    def first_batch_s(start: int) -> float:
-        t0 = time.perf_counter()
-        with build_train_loader(cfg, state=states[start], **kw) as loader:
-            batch = next(loader)
-            elapsed = time.perf_counter() - t0
-            stats = loader.stats
+    def first_batch(start: int) -> tuple:
+        """Seconds to the first batch, and the bytes this process read meanwhile (/proc/self/io rchar: every thread,
+        counted by the kernel rather than by the loader)."""
+        gc.collect()  # the test process's heap (every test before this one) is not the loader's cost
+        gc.disable()
+        try:
+            read0 = _rchar()
+            t0 = time.perf_counter()
+            with build_train_loader(cfg, state=states[start], **kw) as loader:
+                batch = next(loader)
+                elapsed = time.perf_counter() - t0
+                read = _rchar() - read0
+                stats = loader.stats
+        finally:
+            gc.enable()
         assert batch.indices[0] == start
         # What it cost, counted: the document index of the file it resumes in and the block it needs (the
         # producer may have started the next), whatever the position.
         assert stats["indexes_built"] <= 2 and stats["blocks_tokenized"] <= 2, (start, stats)
-        return elapsed
+        return elapsed, read
 
     # Both cold: no cache, so the document index of the file in use is built again, as on a new machine.
-    # Best of 5, interleaved: the intrinsic cost, without the noise of whatever else shares the machine.
-    times = {near: [], far: []}
-    for _ in range(5):
+    # Best of 7, interleaved: the intrinsic cost, without the noise of whatever else shares the machine.
+    times, reads = {near: [], far: []}, {near: [], far: []}
+    for _ in range(7):
         for start in (near, far):
-            times[start].append(first_batch_s(start))
+            elapsed, read = first_batch(start)
+            times[start].append(elapsed)
+            reads[start].append(read)
+    # The bytes read do not grow with the position: one file's index pass and one block, near or far.
+    file_size = size / 8
+    assert min(reads[far]) <= 1.2 * min(reads[near]) and min(reads[far]) <= 2.5 * file_size, (reads, file_size)
     t_near, t_far = min(times[near]), min(times[far])
     assert t_far <= 1.2 * t_near, (times, t_far / t_near)
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no rchar")
