@@ -18,7 +18,8 @@ from gptdist.config import RunConfig, dump_config
 from gptdist.model import count_parameters, flops_per_token
 from gptdist.parallel.layout import Layout
 from gptdist.train import runtime
-from gptdist.train.metrics import MetricsLog, peak_flops, truncate_metrics
+from gptdist.train.metrics import MetricsLog, truncate_metrics
+from gptdist.train.peak import job_peak_flops
 from gptdist.train.faults import Faults
 from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
 from gptdist.train.stop import StopRequest
@@ -70,8 +71,9 @@ def train(cfg: RunConfig) -> int:
     exact = resume_from is not None and same_layout(state, layout)
     weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
     faults = Faults(place.rank)
-    # Measured (CPU) before the memory report starts: its test matrices are not the run's memory.
-    device_peak = peak_flops(cfg.train.peak_flops, device_type, precision)
+    # Measured (CPU: every rank at once) before the memory report starts: its test matrices are not the run's memory.
+    job_peak = job_peak_flops(cfg.train.peak_flops, device_type, precision, place.world_size,
+                              place.local_world_size, place.is_main)
     memory = MemoryReport(cfg.profile.memory, cfg.profile.memory_step, run_dir, place, topology, device_type,
                           layout_record(layout))
     memory.start()  # before the model exists: the CPU allocation trace must see every tensor it holds
@@ -126,9 +128,9 @@ def train(cfg: RunConfig) -> int:
     steps = cfg.train.steps
     reporter = StepReporter(
         tokens_per_step=tokens_per_step, samples_per_step=layout.global_batch_size,
-        flops_per_token=fpt, peak_flops=device_peak,
-        world_size=place.world_size, dp_group=topology.dp_group if step_fn.needs_dp_mean else None,
-        dp_size=layout.dp, metrics=metrics, tracker=tracker, progress=progress_bar(place.is_main, start_step, steps),
+        flops_per_token=fpt, job_peak_flops=job_peak,
+        dp_group=topology.dp_group if step_fn.needs_dp_mean else None, dp_size=layout.dp, metrics=metrics,
+        tracker=tracker, progress=progress_bar(place.is_main, start_step, steps), warn=log.warn,
     )
     saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size, faults)
     stop = StopRequest()

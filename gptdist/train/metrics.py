@@ -44,21 +44,6 @@ def measure_matmul_flops(device_type: str = "cpu", dtype=None, n: int = 1024, re
     return 2 * n**3 / statistics.median(times[1:])
 
 
-def peak_flops(configured: Optional[float], device_type: str, precision: str) -> float:
-    if configured:
-        return configured
-    if device_type == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name()
-        found = datasheet_peak_flops(name, precision)
-        if found:
-            return found
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        return measure_matmul_flops("cuda", dtype, n=8192)
-    return measure_matmul_flops("cpu")
-
-
 class MetricsLog:
     """Appends one JSON object per optimizer step; reopening a run directory continues the same file."""
 

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from gptdist.train.peak import mfu as model_flops_utilization
+
 
 class RankZeroLog:
     def __init__(self, is_main: bool):
@@ -41,10 +43,12 @@ def progress_bar(is_main: bool, start: int, total: int):
 
 
 class StepReporter:
-    def __init__(self, *, tokens_per_step: int, samples_per_step: int, flops_per_token: float, peak_flops: float,
-                 world_size: int, dp_group, dp_size: int, metrics, tracker, progress):
+    def __init__(self, *, tokens_per_step: int, samples_per_step: int, flops_per_token: float,
+                 job_peak_flops: Optional[float], dp_group, dp_size: int, metrics, tracker, progress, warn=None):
         self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
-        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self.flops_per_token, self.job_peak_flops = flops_per_token, job_peak_flops
+        self.warn = warn
+        self.mfu_warned = False
         self.dp_group, self.dp_size = dp_group, dp_size
         self.metrics, self.tracker, self.progress = metrics, tracker, progress
         self.pending: List[Dict[str, Any]] = []
@@ -67,7 +71,11 @@ class StepReporter:
         step_time = (time.perf_counter() - self.window_start) / len(self.pending)
         self.window_start = time.perf_counter()
         tokens_per_s = self.tokens_per_step / step_time
-        mfu = tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops
+        mfu = model_flops_utilization(tokens_per_s, self.flops_per_token, self.job_peak_flops)
+        if mfu is None and self.job_peak_flops and not self.mfu_warned and self.warn is not None:
+            self.mfu_warned = True
+            self.warn("MFU above 100 % against the measured peak: not shown (declare the peak with "
+                      "train.peak_flops for an exact figure)")
         records = []
         for item, loss in zip(self.pending, values):
             norm = item["grad_norm"]
@@ -89,8 +97,8 @@ class StepReporter:
             self.tracker.log_metrics(records)
             last = records[-1]
             shown = f"{last['loss']:.4f}" if last["loss"] is not None else "nan (skipped)"
-            self.progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
-                                      refresh=False)
+            shown_mfu = {"mfu": f"{mfu:.1%}"} if mfu is not None else {}
+            self.progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", **shown_mfu, refresh=False)
 
     def close(self) -> None:
         self.flush()

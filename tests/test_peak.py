@@ -1,0 +1,79 @@
+"""The MFU denominator: measured the way the job runs, cached per machine, and never an MFU above 100 %."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gptdist.train import peak
+from gptdist.train.reporting import StepReporter
+
+
+def test_cpu_peak_is_measured_once_and_cached_per_share_of_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    real = peak.measure_rank_flops
+    monkeypatch.setattr(peak, "measure_rank_flops", lambda: calls.append(1) or real(seconds=0.05))
+    first = peak.job_peak_flops(None, "cpu", "fp32", world_size=1, local_world_size=1, is_main=True)
+    assert first > 1e8 and calls == [1]
+    again = peak.job_peak_flops(None, "cpu", "fp32", world_size=1, local_world_size=1, is_main=True)
+    assert again == first and calls == [1]  # read from the cache
+    entries = json.loads((tmp_path / "gptdist" / "cpu_peak.json").read_text())
+    [key] = entries
+    assert f"threads={torch.get_num_threads()}" in key and "local_ranks=1" in key
+    # Another share of the cores is another measurement.
+    peak.job_peak_flops(None, "cpu", "fp32", world_size=1, local_world_size=2, is_main=True)
+    assert calls == [1, 1]
+    # A declared peak is per device: the job's is that times the ranks.
+    assert peak.job_peak_flops(5e9, "cpu", "fp32", world_size=4, local_world_size=4, is_main=True) == 2e10
+
+
+def test_best_round_is_the_ceiling():
+    rate = peak.measure_rank_flops(seconds=0.05, n=256)
+    assert 1e8 < rate < 1e13
+
+
+def test_mfu_above_one_is_not_reported():
+    assert peak.mfu(1000.0, 1e6, 2e9) == 0.5
+    assert peak.mfu(1000.0, 1e6, 5e8) is None  # 200 %: the peak was wrong, not the model
+    assert peak.mfu(1000.0, 1e6, None) is None
+
+
+class _Progress:
+    def __init__(self):
+        self.postfix = {}
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, refresh=False, **kw):
+        self.postfix = kw
+
+    def close(self):
+        pass
+
+
+class _Metrics:
+    def __init__(self):
+        self.records = []
+
+    def write(self, records):
+        self.records.extend(records)
+
+
+class _Tracker:
+    def log_metrics(self, records):
+        pass
+
+
+def test_reporter_writes_no_mfu_it_cannot_stand_behind():
+    warnings, metrics, progress = [], _Metrics(), _Progress()
+    reporter = StepReporter(tokens_per_step=1000, samples_per_step=4, flops_per_token=1e6, job_peak_flops=1.0,
+                            dp_group=None, dp_size=1, metrics=metrics, tracker=_Tracker(), progress=progress,
+                            warn=warnings.append)
+    for step in (1, 2):
+        reporter.add(step, torch.tensor(2.0), 1e-3, None)
+        reporter.flush()
+    assert [r["mfu"] for r in metrics.records] == [None, None]
+    assert "mfu" not in progress.postfix and len(warnings) == 1 and "MFU above 100 %" in warnings[0]
