@@ -1,5 +1,6 @@
 """Bad input: each one ends `gptdist train` with exit status 2 and one line naming the key or file and the fix,
-before any process group exists, and leaves the run directory exactly as it was."""
+before any process group exists, and leaves the run directory exactly as it was; `gptdist check` refuses each with
+the same line (both run train/preflight.py)."""
 
 import hashlib
 import os
@@ -42,6 +43,8 @@ def _files(tmp: Path, corpus: Path):
     (bad / "empty.txt").write_text("")
     (bad / "notext.jsonl").write_text('{"text": "fine"}\n{"body": "no text here"}\n')
     (bad / "ds.json").write_text("{not json")
+    (bad / "ds_stage.json").write_text('{"zero_optimization": {"stage": "two"}}')
+    (bad / "ds_batch.json").write_text('{"train_batch_size": 3}')
     return bad
 
 
@@ -62,6 +65,9 @@ CASES = [
     (["train.precision=fp64"], ["train.precision='fp64'"]),
     (["train.deepspeed_config={bad}/missing.json"], ["train.deepspeed_config", "no such file"]),
     (["train.deepspeed_config={bad}/ds.json"], ["train.deepspeed_config", "not valid JSON"]),
+    (["train.deepspeed_config={bad}/ds_stage.json"], ["train.deepspeed_config", "DeepSpeed refuses it", "stage"]),
+    (["train.deepspeed_config={bad}/ds_batch.json"], ["train.deepspeed_config", "train_batch_size=3", "layout gives 8"]),
+    (["parallel.pp=2", "model.tie_embeddings=false", "world=2"], ["parallel.pp=2", "model.tie_embeddings=true"]),
     (["data.sources={bad}/nothing_here.txt"], ["nothing_here.txt"]),
     (["data.sources={bad}/*.parquet"], ["*.parquet"]),
     (["data.sources={bad}/empty.txt"], ["empty.txt"]),
@@ -98,15 +104,25 @@ def test_bad_input(overrides, words, existing_run, tmp_path, corpus, tokenizer_p
         shard = sorted((truncated / "model").glob("tp0_pp0*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:100])
     fill = {"bad": str(bad), "torn": str(torn), "truncated": str(truncated), "run": str(run)}
-    filled = [o.format(**fill) for o in overrides]
+    filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
+    world = next((int(o.split("=")[1]) for o in overrides if o.startswith("world=")), 1)
     before = _snapshot(run)
-    code = main(["train", str(recipe), *filled])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("gptdist:")]
-    assert len(lines) == 1, err
+    lines = {}
+    for command in ("check", "train"):
+        if command == "train" and world > 1:
+            # This process as rank 0 of `world`: refused before it would wait for the others.
+            os.environ.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT="9")
+        extra = ["--world", str(world)] if command == "check" else []
+        code = main([command, str(recipe), *filled, *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (command, err)
+        found = [line for line in err.splitlines() if line.startswith("gptdist:")]
+        assert len(found) == 1, (command, err)
+        lines[command] = found[0]
+    assert lines["check"] == lines["train"]
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in lines["train"], lines["train"]
     assert _snapshot(run) == before
 
 

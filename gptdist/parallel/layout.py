@@ -61,6 +61,11 @@ class Layout:
             raise UserError(f"layout error: model.d_ff={model.ffn_dim} is not divisible by parallel.tp={par.tp}")
         if model.n_layer < par.pp:
             raise UserError(f"layout error: model.n_layer={model.n_layer} is smaller than parallel.pp={par.pp}")
+        if par.pp > 1 and not model.tie_embeddings:
+            raise UserError(
+                f"layout error: parallel.pp={par.pp} needs model.tie_embeddings=true (the last stage scores against "
+                "its tied copy of the token embedding); set model.tie_embeddings=true or parallel.pp=1"
+            )
         per_step = train.micro_batch_size * dp
         global_batch = train.global_batch_size or per_step
         if global_batch % per_step:

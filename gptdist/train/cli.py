@@ -61,14 +61,19 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from gptdist.data import check_data
+    import sys
+
     from gptdist.launchers.run_config import resolve_run_config
-    from gptdist.parallel.layout import Layout
+    from gptdist.train.preflight import preflight
 
     # Run by the launch scripts before any launcher: no launcher environment to read, the world size is given.
     cfg = resolve_run_config(args.config, args.overrides, env={}, world_size=args.world,
                              accelerate_config=args.accelerate_config)
-    layout = Layout.resolve(cfg, args.world)
-    check_data(cfg.data, cfg.model.vocab_size)
-    print(f"gptdist: {args.config} is valid for {args.world} rank(s): {layout.describe()}")
+    warnings = []
+    checked = preflight(cfg, args.world, warnings.append)
+    if checked.tracking_warning:
+        warnings.append(checked.tracking_warning)
+    for warning in warnings:
+        print(f"gptdist | warning: {warning}", file=sys.stderr)
+    print(f"gptdist: {args.config} is valid for {args.world} rank(s): {checked.layout.describe()}")
     return 0

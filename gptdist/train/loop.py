@@ -31,21 +31,17 @@ STOPPED_FILE = "stopped.json"
 def train(cfg: RunConfig) -> int:
     place = runtime.discover_place()
     log = RankZeroLog(place.is_main)
-    # Everything that can be refused is refused here, before any rank waits on another.
-    layout = Layout.resolve(cfg, place.world_size)
-    from gptdist.checkpoint.resume import plan_resume
-    from gptdist.data import build_train_loader, check_data
+    # Everything that can be refused is refused here, before any rank waits on another (the same checks as
+    # `gptdist check`).
+    from gptdist.data import build_train_loader
     from gptdist.train.ds_config import resolve_precision
+    from gptdist.train.preflight import preflight
 
-    tokenizer = check_data(cfg.data, cfg.model.vocab_size)
-    candidates = plan_resume(cfg, tokenizer.identity, log.warn)
-    if place.is_main:
-        from gptdist.train.tracking import preflight
-
-        unreachable = preflight(cfg.tracking, Path(cfg.run.dir))
-        if unreachable:
-            log.warn(unreachable)
-            cfg.tracking.enabled = False
+    checked = preflight(cfg, place.world_size, log.warn, probe_tracking=place.is_main)
+    layout, tokenizer, candidates = checked.layout, checked.tokenizer, checked.candidates
+    if checked.tracking_warning:
+        log.warn(checked.tracking_warning)
+        cfg.tracking.enabled = False
     device_type = runtime.prepare_process(place)
     precision = resolve_precision(cfg, device_type)
     _quiet_warnings(place.is_main)

@@ -1,0 +1,96 @@
+"""Everything a run can be refused for, checked before any process group exists: the one function behind both
+`gptdist train` (on every rank, before the ranks wait on each other) and `gptdist check` (before any launcher).
+
+    layout and batch arithmetic (and what a pipeline needs of the model)  -> parallel/layout.py
+    the DeepSpeed JSON gptdist would hand DeepSpeed, a user file merged    -> validated by DeepSpeed's own parser
+    precision on this device
+    data: sources, tokenizer, vocabulary                                  -> data/checks.py
+    resume: which checkpoints, and whether they fit the config            -> checkpoint/resume.py
+    tracking: the server can be reached (http URIs)                        -> train/tracking.py
+
+Each refusal is a UserError: one line, exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from gptdist.config import RunConfig
+from gptdist.errors import UserError
+from gptdist.parallel.layout import Layout
+
+
+@dataclass
+class Preflight:
+    layout: Layout
+    tokenizer: object  # gptdist.data.tokenizer.Tokenizer
+    candidates: List[Path]  # checkpoints to resume from, newest first (empty: a fresh start)
+    tracking_warning: Optional[str]  # the server cannot be reached and tracking.on_unreachable=warn
+
+
+def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *, probe_tracking: bool = True
+              ) -> Preflight:
+    """report: where warnings about skipped (damaged or incomplete) checkpoints go."""
+    from gptdist.checkpoint.resume import plan_resume
+    from gptdist.data import check_data
+
+    layout = Layout.resolve(cfg, world_size)
+    check_precision(cfg)
+    check_deepspeed_config(cfg, layout)
+    tokenizer = check_data(cfg.data, cfg.model.vocab_size)
+    candidates = plan_resume(cfg, tokenizer.identity, report)
+    warning = None
+    if probe_tracking:
+        from gptdist.train.tracking import preflight as tracking_preflight
+
+        warning = tracking_preflight(cfg.tracking, Path(cfg.run.dir))
+    return Preflight(layout, tokenizer, candidates, warning)
+
+
+def check_precision(cfg: RunConfig) -> None:
+    """fp16 needs a GPU (DeepSpeed refuses it on CPU); auto, fp32 and bf16 run anywhere."""
+    if cfg.train.precision != "fp16":
+        return
+    import torch
+
+    from gptdist.train.ds_config import resolve_precision
+
+    resolve_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_deepspeed_config(cfg: RunConfig, layout: Layout) -> None:
+    """The JSON DeepSpeed will get, with the user's file merged in, parsed by DeepSpeed itself now rather than on
+    every rank after the process group starts. Only a user file can make it wrong, so only then is DeepSpeed
+    imported here."""
+    if not cfg.train.deepspeed_config:
+        return
+    from gptdist.train.ds_config import build_ds_config
+
+    path = cfg.train.deepspeed_config
+    ds = build_ds_config(cfg, layout, "fp32" if cfg.train.precision == "auto" else cfg.train.precision)
+    batch = {"train_batch_size": layout.global_batch_size,
+             "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+             "gradient_accumulation_steps": layout.grad_accum}
+    for key, derived in batch.items():
+        if key in ds and ds[key] != derived:
+            raise UserError(
+                f"config error: train.deepspeed_config={path!r} sets {key}={ds[key]!r} but the layout gives "
+                f"{derived} ({layout.describe()}); remove it from the file (gptdist derives it) or change "
+                "train.micro_batch_size/train.global_batch_size"
+            )
+    # DeepSpeed's parser checks every other key and type; outside a process group it sees a world of one, so it
+    # is given the batch arithmetic of one data-parallel rank (checked above for the real one).
+    one_rank = dict(ds, train_batch_size=layout.micro_batch_size * layout.grad_accum)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        try:
+            DeepSpeedConfig(one_rank)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises pydantic, Value, Assertion and Key errors alike
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])
+            detail = " ".join(line.strip() for line in first[:3])[:300]
+            raise UserError(f"config error: train.deepspeed_config={path!r}: DeepSpeed refuses it: {detail}") from None
