@@ -13,7 +13,7 @@ stage's layers, its tensor-parallel shard), part = its ZeRO partition of them, e
 bf16 (DeepSpeed's bf16 optimizer with ZeRO-0; bf16 flat buffers with ZeRO-1/2/3) keeps 2-byte parameters and
 gradient buckets and fp32 master weights, gradients and moments; the table in docs/performance.md lists it. These
 are DeepSpeed 0.19's buffers as its source allocates them; the fp32 rows were checked against measured runs
-(tests/test_memory.py), the bf16 rows have not been run on a GPU yet.
+(tests/test_layouts.py), the bf16 rows have not been run on a GPU yet.
 
 Activations per micro-batch of n = micro_batch_size x seq_len tokens, saved for backward (SDPA attention, which
 keeps only its output and log-sum-exp, not the T x T scores):
@@ -215,7 +215,7 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
     g_fwd = grads_during if warm else 0
     # Backward's transient: a new gradient and its accumulation into the existing one, twice the largest tensor
     # involved. On the first stage that is the token embedding's dense V x d gradient, unless ZeRO-1 copies
-    # each gradient into its bucket as it appears (measured: tests/test_memory.py); elsewhere a block's
+    # each gradient into its bucket as it appears (measured: tests/test_layouts.py); elsewhere a block's
     # largest matrix.
     block_matrix = max(3 * cfg.d_model * cfg.d_model, cfg.d_model * cfg.ffn_dim) // layout.tp
     wte = cfg.vocab_size * cfg.d_model // layout.tp
