@@ -76,7 +76,21 @@ def moved(runs_3d, tmp_path_factory, corpus, tokenizer_path):
                               parallel={"tp": tp, "pp": pp, "zero_stage": zero})
         calls.append((recipe, [f"resume={checkpoint}"], tp * pp * dp, None))
         runs.append(run)
-    return {layout: (run, proc) for layout, run, proc in zip(MOVES, runs, launch_pair(*calls))}
+    # And the one-rank run of the same recipe from scratch: what the 8-rank layout must equal.
+    one = tmp / "tp1-pp1-dp1-zero0"
+    calls.append((write_recipe(tmp / "one.yaml", corpus, tokenizer_path, one, train=TRAIN), [], 1, None))
+    runs.append(one)
+    return {layout: (run, proc) for layout, run, proc in zip([*MOVES, (1, 1, 1, 0)], runs, launch_pair(*calls))}
+
+
+def test_3d_layout_trains_the_same_model_as_one_rank(runs_3d, moved):
+    """tp 2 x pp 2 x dp 2 (8 ranks), uninterrupted, against one rank on the same data and seed: every step's loss to
+    1e-4 (the layout grid of test_layouts.py stops at 4 ranks)."""
+    whole, _, _ = runs_3d
+    run, proc = moved[(1, 1, 1, 0)]
+    assert_ok(proc)
+    rows, ok = compare(load_losses(run), load_losses(whole), rtol=1e-4)
+    assert len(rows) == STEPS and ok, rows
 
 
 @pytest.mark.parametrize("tp,pp,dp,zero", MOVES)

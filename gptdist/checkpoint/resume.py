@@ -94,7 +94,7 @@ def same_layout(state: Dict[str, Any], layout) -> bool:
     return bool(saved) and all(saved.get(k) == getattr(layout, k) for k in LAYOUT_KEYS)
 
 
-def restore_same_layout(engine, folder: Path, rank: int) -> None:
+def restore_same_layout(engine, folder: Path, rank: int, train_cfg) -> None:
     """DeepSpeed's own sharded files, exactly as this layout wrote them.
 
     DeepSpeed's loader unpickles its files (weights_only=False: they hold its config and the optimizer's state
@@ -104,6 +104,9 @@ def restore_same_layout(engine, folder: Path, rank: int) -> None:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"resume: DeepSpeed found no model files for this rank in {folder}")
+    from gptdist.train.optim import follow_config
+
+    follow_config(_base_optimizer(engine), engine.lr_scheduler, train_cfg)
     rng = folder / "rng" / f"rank{rank:05d}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
@@ -139,6 +142,12 @@ def restore_moments(engine, names: Dict[int, str], reader: LayoutFreeReader, top
     if scheduler is not None and step > 0:
         scheduler.last_epoch = step - 1
         scheduler.step()  # sets every group's lr for `step`
+
+
+def _base_optimizer(engine):
+    """The torch optimizer whose param groups DeepSpeed steps (ZeRO and the bf16 optimizer wrap it)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", None) or opt
 
 
 def _step_tensor(optimizer, param: torch.Tensor) -> torch.Tensor:

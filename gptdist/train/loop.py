@@ -79,11 +79,18 @@ def train(cfg: RunConfig) -> int:
     profiler.attach(engine)
     if resume_from is not None:
         if exact:
-            restore_same_layout(engine, resume_from, place.rank)
+            restore_same_layout(engine, resume_from, place.rank, cfg.train)
         else:
             restore_moments(engine, names, weights, topology, start_step)
         log.info(f"gptdist | resumed from {resume_from} at step {start_step}"
                  f"{'' if exact else ' (layout changed: weights and optimizer moments re-cut for this layout)'}")
+        from gptdist.train.optim import config_changes
+
+        changed = [c for c in config_changes(state.get("config") or {}, cfg.to_dict())
+                   if not c.startswith(("run.", "resume:"))]
+        if changed:
+            log.info(f"gptdist | the config differs from the checkpoint's; this run follows the new one: "
+                     f"{'; '.join(changed)}")
 
     tracker = NullTracker()
     metrics = None

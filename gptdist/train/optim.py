@@ -19,7 +19,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
         # A ZeRO-3 parameter holds only its partition (a flat tensor); its real shape is ds_shape.
         ndim = len(getattr(param, "ds_shape", param.shape))
         (decay if ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # "decay" names the group, so a resume can set its weight decay from the new config (checkpoint/resume.py).
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     return [g for g in groups if g["params"]]
 
 
@@ -62,3 +64,39 @@ class LRSchedule:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(train))
+
+
+def follow_config(optimizer: torch.optim.Optimizer, scheduler, train: TrainConfig) -> None:
+    """After a checkpoint's optimizer and schedule were loaded: the hyperparameters and the schedule of *this*
+    config, at the step the checkpoint reached. Loading restores the saved param groups (lr, betas, eps, weight
+    decay) and LambdaLR even copies the saved schedule's fields into the new schedule object; a run extended to more
+    steps, or given another lr, must not keep the old ones. With an unchanged config every value is what loading
+    gave, computed the same way, so the resume stays bitwise."""
+    for group in optimizer.param_groups:
+        group["betas"] = (train.beta1, train.beta2)
+        group["eps"] = train.eps
+        if "decay" in group:
+            group["weight_decay"] = train.weight_decay if group["decay"] else 0.0
+        group["initial_lr"] = train.lr
+    if scheduler is None:
+        return
+    scheduler.lr_lambdas = [LRSchedule(train) for _ in optimizer.param_groups]
+    scheduler.base_lrs = [train.lr for _ in optimizer.param_groups]
+    # What LambdaLR.get_lr computes for the step it stands at.
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
+    """'key: old -> new' for every value that differs between two resolved configs (as dicts)."""
+    out: List[str] = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
