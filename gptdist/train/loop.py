@@ -65,6 +65,10 @@ def train(cfg: RunConfig) -> int:
     state: Dict[str, Any] = read_state(resume_from) if resume_from else {}
     start_step = int(state.get("step", 0))
     exact = resume_from is not None and same_layout(state, layout)
+    from gptdist.train.seeding import seed_rank
+
+    # Dropout's streams, per rank (a same-layout resume then restores each rank's saved state instead).
+    seed_rank(cfg.train.seed, topology.dp_rank, topology.pp_rank, 0 if exact else start_step)
     weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
     faults = Faults(place.rank)
     # Measured (CPU: every rank at once) before the memory report starts: its test matrices are not the run's memory.
