@@ -362,3 +362,23 @@ def test_training_resumes_from_an_imported_checkpoint(trained, tmp_path, capsys)
     with torch.no_grad():
         expected = model_of(imported / "checkpoints" / STEP0)(batch[:, :-1], batch[:, 1:]).item()
     assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_tools_verify_checksums_of_what_they_read(imported, tmp_path, capsys):
+    """The tools and resume share one resolution path (checkpoint/locate.py); the tools also check the SHA-256 of
+    the weights they read: a corrupted checkpoint named directly is refused, a run directory falls back past it."""
+    from gptdist.tools.resolve import find_checkpoint
+
+    run = tmp_path / "run"
+    src = imported / "checkpoints" / STEP0
+    shutil.copytree(src, run / "checkpoints" / "step_00000005")
+    shutil.copytree(src, run / "checkpoints" / "step_00000009")
+    newest = run / "checkpoints" / "step_00000009"
+    shard = sorted((newest / "model").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    line = user_error(capsys, "generate", newest, "--prompt", "x")
+    assert "damaged checkpoint" in line and "SHA-256" in line, line
+    assert find_checkpoint(run) == run / "checkpoints" / "step_00000005"
+    assert "step_00000009 is corrupted" in capsys.readouterr().err

@@ -13,10 +13,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from gptdist.checkpoint import manifest as mf
 from gptdist.checkpoint.layout_free import MOMENTS, LayoutFreeReader
-from gptdist.checkpoint.store import (STATE_FILE, checkpoint_root, list_checkpoints, read_state, resume_candidates,
-                                      set_rng_state, verify_checksums)
+from gptdist.checkpoint.locate import named_candidates
+from gptdist.checkpoint.store import (checkpoint_root, list_checkpoints, read_state, resume_candidates, set_rng_state,
+                                      verify_checksums)
 from gptdist.errors import UserError
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")
@@ -34,28 +34,9 @@ def plan_resume(cfg, tokenizer_identity: str, report: Callable[[str], None]) -> 
     if spec == "auto":
         candidates = resume_candidates(checkpoint_root(run_dir), report)
     else:
-        candidates = _named_candidates(Path(spec), report)
+        candidates = named_candidates(Path(spec), report, key="resume=")
     for folder in candidates:
         check_compatible(cfg, read_state(folder), tokenizer_identity, folder)
-    return candidates
-
-
-def _named_candidates(path: Path, report: Callable[[str], None]) -> List[Path]:
-    if not path.exists():
-        raise UserError(f"resume={path}: no such checkpoint or run directory")
-    if (path / STATE_FILE).exists() or (path / mf.MANIFEST).exists():  # one checkpoint
-        manifest = mf.read_manifest(path)
-        if manifest is None:
-            raise UserError(f"resume={path}: the checkpoint has no manifest.json, so its save never completed; "
-                            "name an earlier checkpoint or its run directory")
-        problems = mf.size_problems(path, manifest)
-        if problems:
-            raise UserError(f"resume={path}: the checkpoint is damaged: {problems[0]}")
-        return [path]
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    candidates = resume_candidates(root, report)
-    if not candidates:
-        raise UserError(f"resume={path}: no complete checkpoint there (looked for step_*/manifest.json in {root})")
     return candidates
 
 

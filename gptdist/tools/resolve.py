@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-from gptdist.checkpoint import manifest as mf
-from gptdist.checkpoint.store import STATE_FILE, list_checkpoints, read_state, resume_candidates
+from gptdist.checkpoint.locate import named_candidates, verify_for_reading
+from gptdist.checkpoint.store import STATE_FILE, read_state
 from gptdist.errors import UserError
 
 INDEX = Path("model") / "index.json"
@@ -23,37 +23,20 @@ def _warn(message: str) -> None:
     print(f"gptdist: warning: {message}", file=sys.stderr)
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
-    return any((path / name).exists() for name in (mf.MANIFEST, STATE_FILE, "model"))
-
-
 def find_checkpoint(path: Path) -> Path:
-    """The checkpoint folder `path` stands for; a UserError saying what is wrong otherwise."""
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint or run directory")
-    if not path.is_dir():
-        raise UserError(f"{path} is a file; name a run directory, its checkpoints/ folder or one step_* checkpoint")
-    if _looks_like_checkpoint(path):
-        folder = path
-        manifest = mf.read_manifest(folder)
-        if manifest is None:
-            raise UserError(f"{folder}: incomplete checkpoint (no {mf.MANIFEST}: its save never finished); "
-                            "name an earlier checkpoint or the run directory")
-        problems = mf.size_problems(folder, manifest)
-        if problems:
+    """The checkpoint folder `path` stands for, its layout-free weights verified by checksum; a UserError saying
+    what is wrong otherwise. A run directory falls back to its previous checkpoint past a corrupted one, as a
+    resume does; a checkpoint named directly must be intact."""
+    candidates = named_candidates(path, _warn)
+    for folder in candidates:
+        problems = verify_for_reading(folder)
+        if not problems:
+            break
+        if len(candidates) == 1 or folder == path:
             raise UserError(f"{folder}: damaged checkpoint: {problems[0]}")
+        _warn(f"checkpoint {folder} is corrupted ({problems[0]}); falling back to the previous one")
     else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if not list_checkpoints(root):
-            raise UserError(f"{path}: not a run directory, checkpoints folder or checkpoint "
-                            f"(no step_* folders in {root})")
-        skipped: List[str] = []
-        candidates = resume_candidates(root, skipped.append)
-        if not candidates:
-            raise UserError(f"{path}: no complete checkpoint in {root}; the newest: {skipped[0]}")
-        for message in skipped:  # newer than the one used: say why they were passed over
-            _warn(message)
-        folder = candidates[0]
+        raise UserError(f"{path}: every complete checkpoint there is corrupted (the oldest: {problems[0]})")
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"{folder}: no {STATE_FILE}; this is not a checkpoint gptdist wrote")
     if not (folder / INDEX).is_file():

@@ -7,12 +7,10 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
 
 from gptdist.config import RunConfig, dump_config
 from gptdist.model import count_parameters, flops_per_token
@@ -24,8 +22,8 @@ from gptdist.train.faults import Faults
 from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
 from gptdist.train.stop import StopRequest
 
-COMPLETE_FILE = "run_complete.json"
-STOPPED_FILE = "stopped.json"
+from gptdist.train import ending
+from gptdist.train.ending import COMPLETE_FILE, STOPPED_FILE
 
 
 def train(cfg: RunConfig) -> int:
@@ -154,7 +152,7 @@ def train(cfg: RunConfig) -> int:
                       "training goes on (free space or fix run.dir before the next save)")
 
     engine.train()
-    stopped_by = ""
+    outcome = None
     for step in range(start_step, steps):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside the step
         done = step + 1
@@ -166,43 +164,21 @@ def train(cfg: RunConfig) -> int:
         if done % cfg.train.log_every == 0 or last or cfg.train.max_bad_steps < cfg.train.log_every:
             reporter.flush()
         if reporter.consecutive_bad >= cfg.train.max_bad_steps:
-            memory.finish()
-            profiler.finish()
-            return _stop_on_bad_steps(cfg, reporter, run_dir, metrics, tracker, loader, log, done)
+            outcome = ending.bad_steps(done, reporter.consecutive_bad, cfg.train.max_bad_steps, run_dir)
+            break
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
             save(done)
             saved = True
             faults.at("kill-after-save", done)
         if not last and stop.agreed(engine.device):
-            stopped_by = stop.name or "a signal to another rank"
             if not saved:
                 save(done)
+            outcome = ending.stopped(done, stop.name or "a signal to another rank")
             break
-
-    reporter.close()
-    memory.finish()
-    profiler.finish()
-    if stopped_by:
-        if place.is_main:
-            metrics.close()
-            (run_dir / STOPPED_FILE).write_text(json.dumps({"step": done, "signal": stopped_by}) + "\n")
-            tracker.finish("KILLED")
-            log.info(f"gptdist | stopped after step {done} on {stopped_by}; checkpoint saved; "
-                     "run again with resume=auto to continue")
-        if loader is not None:
-            loader.close()
-        torch.distributed.barrier()
-        return 0
-    if loader is not None:
-        loader.close()
-    if place.is_main:
-        metrics.close()
-        (run_dir / COMPLETE_FILE).write_text(json.dumps({"steps": steps, "mlflow_run_id": tracker.run_id}) + "\n")
-        tracker.finish("FINISHED")
-        log.info(f"gptdist | finished {steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
-    torch.distributed.barrier()
-    return 0
+    outcome = outcome or ending.finished(steps, run_dir)
+    return ending.tear_down(outcome, is_main=place.is_main, run_dir=run_dir, metrics=metrics, tracker=tracker,
+                            closers=[reporter, memory, profiler, loader], log=log)
 
 
 def layout_record(layout: Layout) -> Dict[str, int]:
@@ -217,19 +193,3 @@ def _quiet_warnings(is_main: bool) -> None:
     # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
     # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
-
-
-def _stop_on_bad_steps(cfg, reporter, run_dir, metrics, tracker, loader, log, step) -> int:
-    """Too many consecutive NaN/inf losses: the optimizer skipped them, but the run is not recovering. Stop
-    without saving, so the newest checkpoint is the last good one."""
-    reporter.close()
-    if loader is not None:
-        loader.close()
-    if metrics is not None:
-        metrics.close()
-        tracker.finish("FAILED")
-    log.error(f"stopping at step {step}: {reporter.consecutive_bad} consecutive steps had a non-finite loss "
-              f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint in {run_dir / 'checkpoints'} "
-              "is the last good one. Lower train.lr, raise train.warmup_steps or check the data, then resume")
-    torch.distributed.barrier()
-    return 3

@@ -1,0 +1,61 @@
+"""From a path a user typed to the checkpoints it stands for: the one path shared by `resume=PATH` and the tools
+(export, eval, generate).
+
+    a checkpoint folder (step_*/)          itself, and it must be complete: quietly using an older checkpoint than
+                                           the one named would resume or export something else than asked for
+    a run directory, or its checkpoints/   its complete checkpoints, newest first (incomplete or truncated ones
+                                           are reported and passed over)
+
+Sizes are checked here (cheap); checksums by the caller, over the files it will read: all ranks together when
+resuming (store.verify_checksums), the files of the layout-free weights when a tool opens one (verify_for_reading).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List
+
+from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.store import STATE_FILE, list_checkpoints, resume_candidates
+from gptdist.errors import UserError
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    return any((path / name).exists() for name in (mf.MANIFEST, STATE_FILE, "model"))
+
+
+def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -> List[Path]:
+    """key: how the user named it, e.g. 'resume=' (empty for a tool's argument). Raises UserError when `path`
+    stands for no complete checkpoint."""
+    where = f"{key}{path}"
+    if not path.exists():
+        raise UserError(f"{where}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise UserError(f"{where} is a file; name a run directory, its checkpoints/ folder or one step_* checkpoint")
+    if looks_like_checkpoint(path):
+        manifest = mf.read_manifest(path)
+        if manifest is None:
+            raise UserError(f"{where}: incomplete checkpoint (no {mf.MANIFEST}: its save never finished); "
+                            "name an earlier checkpoint or the run directory")
+        problems = mf.size_problems(path, manifest)
+        if problems:
+            raise UserError(f"{where}: damaged checkpoint: {problems[0]}")
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not list_checkpoints(root):
+        raise UserError(f"{where}: no complete checkpoint: not a run directory, checkpoints folder or checkpoint "
+                        f"(no step_* folders in {root})")
+    skipped: List[str] = []
+    candidates = resume_candidates(root, skipped.append)
+    if not candidates:
+        raise UserError(f"{where}: no complete checkpoint in {root}; the newest: {skipped[0]}")
+    for message in skipped:  # newer than the one used: say why they were passed over
+        report(message)
+    return candidates
+
+
+def verify_for_reading(folder: Path, prefixes=("model/", STATE_FILE)) -> List[str]:
+    """One process: the checksums of the files a reader of the layout-free weights opens."""
+    manifest = mf.read_manifest(folder) or {"files": {}}
+    names = [n for n in manifest["files"] if n.startswith(prefixes)]
+    return mf.checksum_problems(folder, manifest, names)
