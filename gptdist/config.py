@@ -84,6 +84,10 @@ class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in run.dir)")
     experiment: str = Field("gptdist", min_length=1)
     on_unreachable: Literal["warn", "fail"] = Field("warn", description="tracking server down: train on, or stop")
+    system_metrics: bool = Field(True, description="MLflow's system metrics (CPU, memory, GPU) of rank 0's node")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system metric samples")
+    flush_timeout_s: float = Field(60.0, ge=0, description="at the end, how long to keep sending metrics a "
+                                                           "tracking outage held back")
 
 
 class CheckpointConfig(_Section):

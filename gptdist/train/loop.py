@@ -105,7 +105,7 @@ def train(cfg: RunConfig) -> int:
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()),
-                                run_id=state.get("mlflow_run_id") if start_step else None)
+                                resumed=state if start_step else None, warn=log.warn)
         tracker.log_artifact(run_dir / "config.yaml")
 
     fpt = flops_per_token(cfg.model)
@@ -145,6 +145,7 @@ def train(cfg: RunConfig) -> int:
         problem = save_checkpoint(saver, step, {
             "format": 1, "step": step, "data_state": position.state, "config": cfg.to_dict(),
             "config_digest": cfg.digest(), "tokenizer": tokenizer.identity, "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
             "layout": layout_record(layout),
         }, keep=cfg.checkpoint.keep)
         if problem:
@@ -178,7 +179,8 @@ def train(cfg: RunConfig) -> int:
             break
     outcome = outcome or ending.finished(steps, run_dir)
     return ending.tear_down(outcome, is_main=place.is_main, run_dir=run_dir, metrics=metrics, tracker=tracker,
-                            closers=[reporter, memory, profiler, loader], log=log)
+                            closers=[reporter, memory, profiler, loader], log=log,
+                            before_finish=lambda: _plot_for_tracking(run_dir, tracker, log))
 
 
 def layout_record(layout: Layout) -> Dict[str, int]:
@@ -193,3 +195,15 @@ def _quiet_warnings(is_main: bool) -> None:
     # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
     # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
+
+
+def _plot_for_tracking(run_dir: Path, tracker, log) -> None:
+    """The curves as a PNG artifact of the MLflow run (rank 0, at the end)."""
+    if tracker.run_id is None or not (run_dir / "metrics.jsonl").exists():
+        return
+    from gptdist.train.run_plot import PLOT_FILE, plot_run
+
+    try:
+        tracker.log_artifact(plot_run(run_dir / "metrics.jsonl", run_dir / PLOT_FILE))
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+        log.warn(f"the training-curve plot was not made ({type(exc).__name__}: {exc})")

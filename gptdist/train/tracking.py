@@ -54,6 +54,7 @@ def tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
 
 class NullTracker:
     run_id: Optional[str] = None
+    uri: Optional[str] = None
 
     def log_metrics(self, records: Iterable[Dict[str, Any]]) -> None:
         pass
@@ -66,42 +67,31 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dict[str, Any], run_id: Optional[str]):
-        import logging
+    """One MLflow run, written through `Resilient` (tracking_retry.py), with MLflow's system metrics (CPU, memory,
+    disk, network and, where there are GPUs, their utilization and memory) sampled from rank 0's node."""
 
-        from mlflow.tracking import MlflowClient
+    def __init__(self, cfg: TrackingConfig, uri: str, client, run_id: str, resumed: bool, warn) -> None:
+        from gptdist.train.tracking_retry import Resilient
 
-        # MLflow announces its database migrations at INFO; the run's own log is what the user reads.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.cfg, self.uri, self.client, self.run_id = cfg, uri, client, run_id
+        self.monitor = None
+        self.resilient = Resilient(client, run_id, uri, warn, on_recovery=self._start_system_metrics)
+        self._start_system_metrics(resume=resumed)
 
-        self.uri = tracking_uri(cfg, run_dir)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        # Which launcher started the ranks (accelerate, deepspeed, torchrun, slurm or none); on a resumed run, the
-        # latest attempt's.
-        launcher = {"gptdist.launcher": launcher_name(os.environ)}
-        if run_id is not None:
-            # Resuming: keep writing into the run the first attempt created.
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "gptdist.launcher", launcher["gptdist.launcher"])
-            self.run_id = run_id
+    def _start_system_metrics(self, resume: bool = True) -> None:
+        """(Re)start MLflow's sampler; it stops by itself when the server cannot be reached, so it is started again
+        when the server answers."""
+        if not self.cfg.system_metrics or (self.monitor is not None and self.monitor._process is not None
+                                           and self.monitor._process.is_alive()):
             return
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            location = None
-            if self.uri.startswith("sqlite:"):
-                # Keep artifacts beside the database instead of ./mlruns of whatever directory we were started in.
-                location = (run_dir / "mlartifacts").resolve().as_uri()
-            experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_name,
-                                     tags={"gptdist.run_dir": str(run_dir.resolve()), **launcher})
-        self.run_id = run.info.run_id
-        from mlflow.entities import Param
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        items = [Param(k, v) for k, v in mask_secrets(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception:  # noqa: BLE001 - system metrics are a bonus; psutil missing or the server down
+            self.monitor = None
 
     def log_metrics(self, records: Iterable[Dict[str, Any]]) -> None:
         from mlflow.entities import Metric
@@ -115,30 +105,108 @@ class MlflowTracker(NullTracker):
                     continue
                 if isinstance(value, (int, float)):  # bools too: `skipped` becomes 0/1
                     metrics.append(Metric(key, float(value), now, step))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        self.resilient.add_metrics(metrics)
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self.resilient.add_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
+        self.resilient.drain(self.cfg.flush_timeout_s)
+        self.resilient.call(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
-def start_tracker(
-    cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dict[str, Any], run_id: Optional[str] = None
-) -> NullTracker:
-    """Open the MLflow run, or explain why not: fail, or warn and keep the local metrics.jsonl only."""
+def _client(uri: str):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from gptdist.train.tracking_retry import fail_fast_http
+
+    # MLflow announces its database migrations at INFO; the run's own log is what the user reads.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    fail_fast_http()
+    return MlflowClient(tracking_uri=uri)
+
+
+def _store_exists(uri: str) -> bool:
+    """An SQLite store that is not there any more is unreachable (opening it would create an empty one)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    return True
+
+
+def _new_run(client, cfg: TrackingConfig, uri: str, run_dir: Path, run_name: str, params: Dict[str, Any],
+             tags: Dict[str, str]) -> str:
+    from mlflow.entities import Param
+
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # Keep artifacts beside the database instead of ./mlruns of whatever directory we were started in.
+            location = (run_dir / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={"gptdist.run_dir": str(run_dir.resolve()), **tags})
+    items = [Param(k, v) for k, v in mask_secrets(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def start_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dict[str, Any],
+                  resumed: Optional[Dict[str, Any]] = None, warn=None) -> NullTracker:
+    """Open the MLflow run, or explain why not: fail, or warn and keep the local metrics.jsonl only.
+
+    resumed: the checkpoint's state when resuming. A resumed run continues its MLflow run where that run lives:
+    the checkpoint records the tracking URI, so `run.dir=runs/b resume=runs/a` keeps writing into runs/a's store
+    (unless tracking.uri or $MLFLOW_TRACKING_URI name a store explicitly). When that store or run cannot be reached,
+    a new run starts in this run's store, tagged with its parent (mlflow.parentRunId)."""
     if not cfg.enabled:
         return NullTracker()
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
+    here = tracking_uri(cfg, run_dir)
+    launcher = {"gptdist.launcher": launcher_name(os.environ)}
+    parent = (resumed or {}).get("mlflow_run_id")
     try:
-        return MlflowTracker(cfg, run_dir, run_name, params, run_id)
+        if parent:
+            explicit = bool(cfg.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+            saved_uri = resumed.get("tracking_uri")
+            uri = here if explicit or not saved_uri else saved_uri
+            problem = None
+            if _store_exists(uri):
+                client = _client(uri)
+                try:
+                    client.get_run(parent)
+                    # Keep writing into the run the first attempt created; the launcher tag says the latest attempt's.
+                    client.update_run(parent, status="RUNNING")
+                    client.set_tag(parent, "gptdist.launcher", launcher["gptdist.launcher"])
+                    return MlflowTracker(cfg, uri, client, parent, True, warn)
+                except Exception as exc:  # noqa: BLE001 - not found, or the server is down
+                    problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            else:
+                problem = "its store is not there any more"
+            warn(f"MLflow run {parent} at {uri} cannot be continued ({problem}); starting a new run in {here} "
+                 "tagged with it as parent")
+            client = _client(here)
+            tags = {"mlflow.parentRunId": parent, "gptdist.resumed_from_run": parent,
+                    "gptdist.resumed_from_uri": str(saved_uri), **launcher}
+            return MlflowTracker(cfg, here, client, _new_run(client, cfg, here, run_dir, run_name, params, tags),
+                                 False, warn)
+        client = _client(here)
+        return MlflowTracker(cfg, here, client, _new_run(client, cfg, here, run_dir, run_name, params, launcher),
+                             False, warn)
     except Exception as exc:  # noqa: BLE001 - any client/server failure means the same thing to the user
-        uri = tracking_uri(cfg, run_dir)
-        message = f"MLflow tracking at {uri} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        message = f"MLflow tracking at {here} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         if cfg.on_unreachable == "fail":
             raise UserError(f"{message}; start the server, fix tracking.uri, or set tracking.on_unreachable=warn") from None
-        warnings.warn(f"{message}; training on with metrics in metrics.jsonl only", stacklevel=2)
+        warn(f"{message}; training on with metrics in metrics.jsonl only")
         return NullTracker()
 
 
