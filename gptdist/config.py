@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gptdist.data.config import DataConfig
+from gptdist.data.config import DataConfig, SourceSpec
 from gptdist.errors import UserError
 from gptdist.model.config import GPTConfig
 
@@ -104,6 +104,45 @@ class ProfileConfig(_Section):
     pipeline: bool = Field(False, description="time every pipeline instruction per step, in RUN_DIR/profile/")
 
 
+class EvalConfig(_Section):
+    """Validation during training: the mean next-token loss over the first eval.max_samples windows of a held-out
+    source, read as `gptdist eval CHECKPOINT --data SOURCE --max-samples N` reads them (train/validation.py)."""
+
+    data: Optional[List[SourceSpec]] = Field(None, description="held-out text: one source, in any form data.sources "
+                                                               "takes (file, glob, folder, pkg://, hub name)")
+    every: int = Field(0, ge=0, description="optimizer steps between validations (0: never during training)")
+    max_samples: int = Field(64, ge=1, description="windows of seq_len+1 tokens per validation, spread over the "
+                                                   "data-parallel ranks")
+    at_end: bool = Field(True, description="validate after the last step (when eval.data is set)")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _short_forms(cls, value: object) -> object:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            value = [{"path": v} if isinstance(v, str) else v for v in value]
+            if len(value) != 1:
+                raise ValueError(f"holds {len(value)} sources; validation reads one held-out source (a glob or "
+                                 "folder can hold many files)")
+        return value
+
+    @model_validator(mode="after")
+    def _data_for_every(self) -> "EvalConfig":
+        if self.every and not self.data:
+            raise ValueError(f"eval.every={self.every} needs eval.data, a held-out source (a file, glob, folder or "
+                             "hub name) that training does not read")
+        return self
+
+    @property
+    def source(self) -> Optional[SourceSpec]:
+        return self.data[0] if self.data else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.source is not None and (self.every > 0 or self.at_end)
+
+
 class RunConfig(_Section):
     model: GPTConfig = Field(default_factory=GPTConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -113,6 +152,7 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     resume: str = Field(
         "auto", min_length=1,
         description="'auto': continue from run.dir's newest complete checkpoint, if any; 'never': refuse a run.dir "

@@ -1,17 +1,14 @@
-"""`gptdist eval CHECKPOINT_OR_RUN --data SOURCE`: mean next-token loss and perplexity on held-out text.
-
-The text is read as training reads one source with no shuffling (files in sorted order, documents in file
-order, each followed by EOS) and cut into the same non-overlapping seq_len+1 windows, so the windows equal
-`gptdist.data.iter_samples` with shuffle_buffer=0. Unlike training, one pass only: the source is not repeated,
-and a last window shorter than seq_len+1 tokens is left out (every sample is scored on a full context).
+"""`gptdist eval CHECKPOINT_OR_RUN --data SOURCE`: mean next-token loss and perplexity on held-out text, read as
+gptdist/data/held_out.py reads it (the same windows as the validation loss during training).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
+from gptdist.data.held_out import held_out_config, windows
 from gptdist.errors import UserError
 from gptdist.tools.resolve import Checkpoint
 
@@ -30,36 +27,9 @@ class EvalResult:
 def eval_data_config(ckpt: Checkpoint, source: str, tokenizer_spec: Optional[str] = None,
                      text_field: Optional[str] = None, text_split: Optional[str] = None):
     """The held-out source, read the way the checkpoint's training data was (same text_field and text_split)."""
-    from gptdist.data.config import DataConfig
-
     trained = ckpt.cfg.data
-    return DataConfig(sources=[source], tokenizer=tokenizer_spec or trained.tokenizer, shuffle_buffer=0,
-                      text_field=text_field or trained.text_field, text_split=text_split or trained.text_split,
-                      on_bad_file="fail")
-
-
-def windows(data_cfg, tok, seq_len: int) -> Iterator[List[int]]:
-    """The seq_len+1 token windows of one pass over the source."""
-    import numpy as np
-
-    from gptdist.data.blocks import tokenize_block
-    from gptdist.data.reader import SourceReader
-    from gptdist.data.sources import resolve_sources
-
-    try:
-        (src,) = resolve_sources(data_cfg)
-    except UserError as err:  # the data module names the config key; here the user typed --data
-        raise UserError(str(err).replace("data.sources[0].path", "--data")) from None
-    reader = SourceReader(src, data_cfg.on_bad_file)
-    width = seq_len + 1
-    pending = np.empty(0, dtype=np.int32)
-    for unit in range(reader.n_units):
-        for docs in reader.iter_unit(unit):
-            pending = np.concatenate([pending, tokenize_block(tok, docs)])
-            n = len(pending) // width
-            for k in range(n):
-                yield pending[k * width : (k + 1) * width].tolist()
-            pending = pending[n * width :]
+    return held_out_config(source, tokenizer_spec or trained.tokenizer, text_field or trained.text_field,
+                           text_split or trained.text_split)
 
 
 def evaluate(ckpt: Checkpoint, source: str, *, max_samples: Optional[int] = None, batch_size: int = 8,

@@ -23,6 +23,8 @@ def load_losses(run: str | Path) -> Dict[int, float]:
         raise UserError(f"compare-loss: {path} not found: pass a run directory holding metrics.jsonl, or the file")
     losses: Dict[int, float] = {}
     for record in read_metrics(path):
+        if "loss" not in record:  # a validation record ({step, val_loss, ...}), not a training step
+            continue
         loss = record.get("loss")
         losses[int(record["step"])] = float(loss) if loss is not None else math.nan  # null: a skipped step
     return losses

@@ -137,6 +137,14 @@ def train(cfg: RunConfig) -> int:
         dp_group=topology.dp_group if step_fn.needs_dp_mean else None, dp_size=layout.dp, metrics=metrics,
         tracker=tracker, progress=progress_bar(place.is_main, start_step, steps), warn=log.warn,
     )
+    validator = None
+    if cfg.eval.enabled:
+        from gptdist.train.validation import Validator
+
+        validator = Validator(cfg, layout, topology, tokenizer, engine.device)
+        log.info(f"gptdist | validation on the first {validator.samples} windows of {cfg.eval.source.path}"
+                 f"{f' every {cfg.eval.every} steps' if cfg.eval.every else ''}"
+                 f"{' and at the end' if cfg.eval.at_end else ''}")
     saver = SaveContext(engine, names, topology, cfg, run_dir, place.rank, place.world_size, faults)
     stop = StopRequest()
 
@@ -167,6 +175,8 @@ def train(cfg: RunConfig) -> int:
         if reporter.consecutive_bad >= cfg.train.max_bad_steps:
             outcome = ending.bad_steps(done, reporter.consecutive_bad, cfg.train.max_bad_steps, run_dir)
             break
+        if validator is not None and validator.due(done, last):
+            reporter.add_validation(done, *validator.run(engine, done))
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
             save(done)

@@ -4,7 +4,7 @@
     layout and batch arithmetic (and what a pipeline needs of the model)  -> parallel/layout.py
     the DeepSpeed JSON gptdist would hand DeepSpeed, a user file merged    -> validated by DeepSpeed's own parser
     precision on this device
-    data: sources, tokenizer, vocabulary                                  -> data/checks.py
+    data: sources, tokenizer, vocabulary; the held-out source of eval.data -> data/checks.py, data/held_out.py
     resume: which checkpoints, and whether they fit the config            -> checkpoint/resume.py
     tracking: the server can be reached (http URIs)                        -> train/tracking.py
 
@@ -42,6 +42,11 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     check_precision(cfg)
     check_deepspeed_config(cfg, layout)
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
+    if cfg.eval.source is not None:
+        from gptdist.data.held_out import check_source
+
+        src = cfg.eval.source
+        check_source(src, cfg.data.tokenizer, src.text_field or cfg.data.text_field, cfg.data.text_split, "eval.data")
     candidates = plan_resume(cfg, tokenizer.identity, report)
     warning = None
     if probe_tracking:

@@ -49,6 +49,7 @@ class StepReporter:
         self.flops_per_token, self.job_peak_flops = flops_per_token, job_peak_flops
         self.warn = warn
         self.mfu_warned = False
+        self.postfix: Dict[str, str] = {}  # what the progress bar shows after the step count
         self.dp_group, self.dp_size = dp_group, dp_size
         self.metrics, self.tracker, self.progress = metrics, tracker, progress
         self.pending: List[Dict[str, Any]] = []
@@ -97,8 +98,23 @@ class StepReporter:
             self.tracker.log_metrics(records)
             last = records[-1]
             shown = f"{last['loss']:.4f}" if last["loss"] is not None else "nan (skipped)"
-            shown_mfu = {"mfu": f"{mfu:.1%}"} if mfu is not None else {}
-            self.progress.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", **shown_mfu, refresh=False)
+            self.postfix.update(loss=shown, tok_s=f"{tokens_per_s:,.0f}")
+            if mfu is not None:
+                self.postfix["mfu"] = f"{mfu:.1%}"
+            self.progress.set_postfix(refresh=False, **self.postfix)
+
+    def add_validation(self, step: int, loss: float, samples: int) -> None:
+        """A validation record of its own in metrics.jsonl ({step, val_loss, val_ppl, val_samples}), after the
+        step records before it; val_loss and val_ppl in MLflow; the last value on the progress bar."""
+        self.flush()
+        if self.metrics is None:
+            return
+        ppl = math.exp(loss) if loss < 700 else None
+        record = {"step": step, "val_loss": loss, "val_ppl": ppl, "val_samples": samples}
+        self.metrics.write([record])
+        self.tracker.log_metrics([record])
+        self.postfix["val_loss"] = f"{loss:.4f}"
+        self.progress.set_postfix(refresh=False, **self.postfix)
 
     def close(self) -> None:
         self.flush()

@@ -1,0 +1,67 @@
+"""Held-out text for evaluation, read one way everywhere: `gptdist eval` and the validation loss during training.
+
+The text is read as training reads one source with no shuffling (files in sorted order, documents in file order,
+each followed by EOS) and cut into the same non-overlapping seq_len+1 windows, so the windows equal
+`gptdist.data.iter_samples` with shuffle_buffer=0. Unlike training, one pass only: the source is not repeated, and a
+last window shorter than seq_len+1 tokens is left out (every sample is scored on a full context).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List
+
+from gptdist.data.config import DataConfig, SourceSpec
+from gptdist.errors import UserError
+
+
+def held_out_config(source, tokenizer: str, text_field: str, text_split: str) -> DataConfig:
+    """source: a path/glob/folder/hub name, or a SourceSpec (its own text_field, hub config and split)."""
+    spec = source if isinstance(source, SourceSpec) else SourceSpec(path=str(source))
+    return DataConfig(sources=[spec], tokenizer=tokenizer, shuffle_buffer=0, text_field=text_field,
+                      text_split=text_split, on_bad_file="fail")
+
+
+def windows(data_cfg: DataConfig, tok, seq_len: int, key: str = "--data") -> Iterator[List[int]]:
+    """The seq_len+1 token windows of one pass over the source. key: how the user named the source."""
+    import numpy as np
+
+    from gptdist.data.blocks import tokenize_block
+    from gptdist.data.reader import SourceReader
+    from gptdist.data.sources import resolve_sources
+
+    try:
+        (src,) = resolve_sources(data_cfg)
+    except UserError as err:  # the data module names the config key; here the user named the source elsewhere
+        raise UserError(str(err).replace("data.sources[0].path", key).replace("data.sources[0]", key)) from None
+    reader = SourceReader(src, data_cfg.on_bad_file)
+    width = seq_len + 1
+    pending = np.empty(0, dtype=np.int32)
+    for unit in range(reader.n_units):
+        for docs in reader.iter_unit(unit):
+            pending = np.concatenate([pending, tokenize_block(tok, docs)])
+            n = len(pending) // width
+            for k in range(n):
+                yield pending[k * width : (k + 1) * width].tolist()
+            pending = pending[n * width :]
+
+
+def first_windows(data_cfg: DataConfig, tok, seq_len: int, count: int, key: str) -> List[List[int]]:
+    out: List[List[int]] = []
+    for window in windows(data_cfg, tok, seq_len, key):
+        out.append(window)
+        if len(out) >= count:
+            break
+    if not out:
+        raise UserError(f"{key}: fewer than seq_len+1={seq_len + 1} tokens of text; nothing to evaluate on a full "
+                        "context")
+    return out
+
+
+def check_source(source, tokenizer: str, text_field: str, text_split: str, key: str) -> None:
+    """Before any process group: the source resolves (files exist, the hub name is well formed)."""
+    from gptdist.data.sources import resolve_sources
+
+    try:
+        resolve_sources(held_out_config(source, tokenizer, text_field, text_split))
+    except UserError as err:
+        raise UserError(str(err).replace("data.sources[0].path", key).replace("data.sources[0]", key)) from None
