@@ -107,6 +107,7 @@ class StepReporter:
         """A validation record of its own in metrics.jsonl ({step, val_loss, val_ppl, val_samples}), after the
         step records before it; val_loss and val_ppl in MLflow; the last value on the progress bar."""
         self.flush()
+        self.window_start = time.perf_counter()  # the validation's time is not the training steps' time
         if self.metrics is None:
             return
         ppl = math.exp(loss) if loss < 700 else None
