@@ -176,6 +176,7 @@ def train(cfg: RunConfig) -> int:
             outcome = ending.bad_steps(done, reporter.consecutive_bad, cfg.train.max_bad_steps, run_dir)
             break
         if validator is not None and validator.due(done, last):
+            reporter.flush()  # the steps' times end here, before the validation's
             reporter.add_validation(done, *validator.run(engine, done))
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
