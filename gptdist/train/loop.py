@@ -63,10 +63,6 @@ def train(cfg: RunConfig) -> int:
     state: Dict[str, Any] = read_state(resume_from) if resume_from else {}
     start_step = int(state.get("step", 0))
     exact = resume_from is not None and same_layout(state, layout)
-    from gptdist.train.seeding import seed_rank
-
-    # Dropout's streams, per rank (a same-layout resume then restores each rank's saved state instead).
-    seed_rank(cfg.train.seed, topology.dp_rank, topology.pp_rank, 0 if exact else start_step)
     weights = LayoutFreeReader(resume_from / "model") if resume_from is not None and not exact else None
     faults = Faults(place.rank)
     # Measured (CPU: every rank at once) before the memory report starts: its test matrices are not the run's memory.
@@ -79,6 +75,11 @@ def train(cfg: RunConfig) -> int:
     memory.watch(engine)
     profiler = RunProfiler(cfg.profile, run_dir, place.rank)
     profiler.attach(engine)
+    from gptdist.train.seeding import seed_rank
+
+    # Dropout's streams, per rank, seeded once everything before training has drawn what it draws (a same-layout
+    # resume then restores each rank's saved states instead).
+    seed_rank(cfg.train.seed, topology.dp_rank, topology.pp_rank, 0 if exact else start_step)
     if resume_from is not None:
         if exact:
             restore_same_layout(engine, resume_from, place.rank, cfg.train)

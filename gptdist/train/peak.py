@@ -50,8 +50,9 @@ def measure_rank_flops(seconds: float = MEASURE_S, n: int = 1024) -> float:
     """fp32 matmul FLOP/s of this process with its current threads: the best of several timed rounds."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # its own stream: training's random streams are not touched
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)  # warm-up: thread pool and MKL's buffers
     best = 0.0
