@@ -32,11 +32,32 @@ def counting_allocator():
         try:
             from torch.utils.cpp_extension import load
 
-            _EXTENSION = load(name="gptdist_counting_cpu_allocator", sources=[str(_SOURCE)],
-                              extra_cflags=["-O2"], verbose=False)
+            source, build_dir = _stable_source()
+            _EXTENSION = load(name="gptdist_counting_cpu_allocator", sources=[str(source)], extra_cflags=["-O2"],
+                              build_directory=str(build_dir), verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler, no headers: report RSS only, never fail a run
             _FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return _EXTENSION
+
+
+def _stable_source() -> Tuple[Path, Path]:
+    """The source copied into a build folder named by its content. Built from the checkout's own path, every
+    other checkout of the same gptdist (a CI clone, a second work tree) would look changed to ninja and rebuild it,
+    in whichever rank loads it first; keyed by content, one build serves them all."""
+    import hashlib
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    code = _SOURCE.read_bytes()
+    digest = hashlib.sha256(code).hexdigest()[:16]
+    folder = Path(_get_build_directory(f"gptdist_counting_cpu_allocator_{digest}", verbose=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / _SOURCE.name
+    if not target.exists() or target.read_bytes() != code:
+        tmp = folder / f".{_SOURCE.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(code)
+        tmp.replace(target)  # atomic: ranks loading at once see one whole file
+    return target, folder
 
 
 def build_problem() -> Optional[str]:
