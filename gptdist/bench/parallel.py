@@ -51,7 +51,8 @@ class Run:
     def all_overrides(self, steps: int, run_dir: Path, ds_file: Optional[Path]) -> List[str]:
         extra = [f"train.micro_batch_size={MICRO}", f"train.global_batch_size={self.global_batch}",
                  f"train.steps={steps}", "train.log_every=1", "train.warmup_steps=0", "checkpoint.every=0",
-                 "checkpoint.at_end=false", "tracking.enabled=false", "resume=never", f"run.dir={run_dir}",
+                 "checkpoint.at_end=false", "tracking.enabled=false", "eval.every=0", "eval.at_end=false",
+                 "resume=never", f"run.dir={run_dir}",
                  f"profile.comms={str(self.comms).lower()}", "profile.pipeline=true"]
         if ds_file is not None:
             extra.append(f"train.deepspeed_config={ds_file}")

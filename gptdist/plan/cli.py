@@ -98,7 +98,8 @@ def _measure(cfg, args, plans, hw) -> int:
             print(f"plan | measuring {name} for {args.measure_steps} steps", file=sys.stderr, flush=True)
             overrides = [*args.overrides, *layout_overrides(lay, plan.tokens_per_step // cfg.model.seq_len),
                          f"train.steps={args.measure_steps}", "train.log_every=1", "checkpoint.every=0",
-                         "checkpoint.at_end=false", "tracking.enabled=false", "resume=never"]
+                         "checkpoint.at_end=false", "tracking.enabled=false", "eval.every=0", "eval.at_end=false",
+                         "resume=never"]
             # launch/train.sh shares the cores between CPU ranks itself (OMP threads = cores / ranks).
             results.append((plan, run_layout(str(Path(args.config).resolve()), overrides, lay.world, out / name)))
     finally:
