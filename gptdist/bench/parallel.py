@@ -139,6 +139,7 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
         outcome.error = f"exit {proc.returncode}: {' / '.join(tail)[-300:]} (log: {log})"
         return outcome
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "tokens_per_s" in r]  # training steps, not validation records
     rates = [r["tokens_per_s"] for r in records if r["step"] > skip_steps] or [r["tokens_per_s"] for r in records]
     outcome.tokens_per_s = statistics.median(rates)
     return outcome
