@@ -58,11 +58,11 @@ def _gptdist_eval(checkpoint: Path, data: Path, samples: int) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
 
 
-def test_validation_loss_equals_gptdist_eval_in_two_layouts(tmp_path, corpus, tokenizer_path, held_out):
+def test_validation_loss_equals_gptdist_eval_in_every_kind_of_layout(tmp_path, corpus, tokenizer_path, held_out):
     ev = {"data": str(held_out), "every": 5, "max_samples": 16}
     runs = {}
     calls = []
-    for tp, pp, dp, zero in [(1, 1, 1, 0), (2, 2, 2, 1)]:
+    for tp, pp, dp, zero in [(1, 1, 1, 0), (2, 2, 2, 1), (1, 1, 2, 3)]:
         run = tmp_path / f"tp{tp}-pp{pp}-dp{dp}-zero{zero}"
         recipe = write_recipe(tmp_path / f"{run.name}.yaml", corpus, tokenizer_path, run, train=TRAIN, eval=ev,
                               parallel={"tp": tp, "pp": pp, "zero_stage": zero}, checkpoint={"every": 10})
@@ -83,6 +83,7 @@ def test_validation_loss_equals_gptdist_eval_in_two_layouts(tmp_path, corpus, to
         # An MFU is a fraction of the job's measured peak, or absent: never above 100 %.
         assert all(r["mfu"] is None or 0 < r["mfu"] <= 1.0 for r in _records(run) if "loss" in r)
     assert values[(1, 1, 1, 0)] == pytest.approx(values[(2, 2, 2, 1)], rel=1e-4)
+    assert values[(1, 1, 1, 0)] == pytest.approx(values[(1, 1, 2, 3)], rel=1e-4)  # ZeRO-3's gathered forward
 
 
 def test_resume_follows_the_new_schedule_and_keeps_its_mlflow_run(tmp_path, corpus, tokenizer_path):
