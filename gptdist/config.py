@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gptdist.data.config import DataConfig, SourceSpec
+from gptdist.data.config import DataConfig, SourceSpec, source_list
 from gptdist.errors import UserError
 from gptdist.model.config import GPTConfig
 
@@ -118,12 +118,9 @@ class EvalConfig(_Section):
     @field_validator("data", mode="before")
     @classmethod
     def _short_forms(cls, value: object) -> object:
-        if isinstance(value, (str, dict)):
-            value = [value]
-        if isinstance(value, list):
-            value = [{"path": v} if isinstance(v, str) else v for v in value]
-            if len(value) != 1:
-                raise ValueError(f"holds {len(value)} sources; validation reads one held-out source (a glob or "
+        value = source_list(value)
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(f"holds {len(value)} sources; validation reads one held-out source (a glob or "
                                  "folder can hold many files)")
         return value
 

@@ -48,9 +48,13 @@ class DataConfig(BaseModel):
     @field_validator("sources", mode="before")
     @classmethod
     def _accept_short_forms(cls, value: object) -> object:
-        # `sources: data/*.txt` and `sources: [a.jsonl, {path: b.jsonl, weight: 2}]` are both accepted.
-        if isinstance(value, (str, dict)):
-            value = [value]
-        if isinstance(value, list):
-            return [{"path": v} if isinstance(v, str) else v for v in value]
-        return value
+        return source_list(value)
+
+
+def source_list(value: object) -> object:
+    """`sources: data/*.txt` and `sources: [a.jsonl, {path: b.jsonl, weight: 2}]` both become a list of specs."""
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
