@@ -32,6 +32,9 @@ def test_digest_follows_values():
 
 
 BAD_VALUES = [
+    (["eval.every=5"], ["eval.every=5 needs eval.data", "held-out source"]),
+    (["eval.data=[a.txt,b.txt]"], ["eval.data", "holds 2 sources"]),
+    (["eval.max_samples=0"], ["eval.max_samples=0"]),
     (["train.steps=0"], ["train.steps=0", "greater than or equal to 1"]),
     (["train.steps=many"], ["train.steps='many'", "integer"]),
     (["train.lr=-1"], ["train.lr=-1", "greater than 0"]),
