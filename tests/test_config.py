@@ -101,3 +101,12 @@ def test_layout_arithmetic():
     layout = Layout.resolve(load_config(None, ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2",
                                                "train.global_batch_size=16", "parallel.zero_stage=1"]), 8)
     assert (layout.dp, layout.grad_accum, layout.global_batch_size, layout.world_size) == (2, 4, 16, 8)
+
+
+def test_overrides_may_follow_options(capsys):
+    from gptdist.cli import main
+
+    assert main(["check", "configs/tiny-cpu.yaml", "--world", "2", "parallel.zero_stage=2", "train.steps=5"]) == 0
+    assert "zero=2" in capsys.readouterr().out
+    assert main(["check", "configs/tiny-cpu.yaml", "--world", "3", "parallel.tp=2"]) == 2
+    assert "world size 3" in capsys.readouterr().err
