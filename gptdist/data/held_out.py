@@ -31,8 +31,8 @@ def windows(data_cfg: DataConfig, tok, seq_len: int, key: str = "--data") -> Ite
 
     try:
         (src,) = resolve_sources(data_cfg)
-    except UserError as err:  # the data module names the config key; here the user named the source elsewhere
-        raise UserError(str(err).replace("data.sources[0].path", key).replace("data.sources[0]", key)) from None
+    except UserError as err:
+        raise _named(err, key) from None
     reader = SourceReader(src, data_cfg.on_bad_file)
     width = seq_len + 1
     pending = np.empty(0, dtype=np.int32)
@@ -64,4 +64,9 @@ def check_source(source, tokenizer: str, text_field: str, text_split: str, key: 
     try:
         resolve_sources(held_out_config(source, tokenizer, text_field, text_split))
     except UserError as err:
-        raise UserError(str(err).replace("data.sources[0].path", key).replace("data.sources[0]", key)) from None
+        raise _named(err, key) from None
+
+
+def _named(err: UserError, key: str) -> UserError:
+    """The data module names the config key data.sources[0]; here the user named the source as `key`."""
+    return UserError(str(err).replace("data.sources[0].path", key).replace("data.sources[0]", key))

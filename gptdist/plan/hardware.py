@@ -73,14 +73,14 @@ def cpu_hardware(ranks_per_node: int) -> Hardware:
     """This machine's CPU, with its cores shared by `ranks_per_node` ranks (each gets cores / ranks threads)."""
     import torch
 
-    from gptdist.train.metrics import measure_matmul_flops
+    from gptdist.train.peak import measure_rank_flops
 
     cores = usable_cores()
     threads = max(1, cores // max(1, ranks_per_node))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        peak = measure_matmul_flops("cpu", n=1024, repeats=5)
+        peak = measure_rank_flops()  # the same measurement as MFU's CPU peak
     finally:
         torch.set_num_threads(before)
     # More ranks than cores: they take turns, and each gets its share of a core (measured: 4 ranks on 2 cores ran

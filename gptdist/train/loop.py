@@ -178,7 +178,7 @@ def train(cfg: RunConfig) -> int:
             break
         if validator is not None and validator.due(done, last):
             reporter.flush()  # the steps' times end here, before the validation's
-            reporter.add_validation(done, *validator.run(engine, done))
+            reporter.add_validation(done, *validator.run(engine))
         saved = False
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.at_end):
             save(done)

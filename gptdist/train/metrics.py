@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -24,24 +22,6 @@ def datasheet_peak_flops(device_name: str, precision: str) -> Optional[float]:
         if key in device_name:
             return peaks.get(precision)
     return None
-
-
-def measure_matmul_flops(device_type: str = "cpu", dtype=None, n: int = 1024, repeats: int = 5) -> float:
-    """The FLOP/s this process gets from one large matmul: the practical ceiling for MFU on CPU."""
-    import torch  # here, not at import: reading metrics (compare-loss, check) needs no torch
-
-    dtype = dtype or torch.float32
-    device = torch.device(device_type)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times: List[float] = []
-    for _ in range(repeats + 1):
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        (a @ b).sum().item()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times[1:])
 
 
 class MetricsLog:

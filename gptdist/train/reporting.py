@@ -101,6 +101,8 @@ class StepReporter:
             self.postfix.update(loss=shown, tok_s=f"{tokens_per_s:,.0f}")
             if mfu is not None:
                 self.postfix["mfu"] = f"{mfu:.1%}"
+            else:
+                self.postfix.pop("mfu", None)  # an earlier window's figure would stand for this one
             self.progress.set_postfix(refresh=False, **self.postfix)
 
     def add_validation(self, step: int, loss: float, samples: int) -> None:

@@ -16,7 +16,7 @@ micro-batches, stages and replicas in float64, divided by the tokens: exactly th
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -33,20 +33,20 @@ class Validator:
         self.every, self.at_end, self.max_samples = ev.every, ev.at_end, ev.max_samples
         self.seq_len = cfg.model.seq_len
         held = held_out_config(source, data.tokenizer, source.text_field or data.text_field, data.text_split)
-        self.windows = first_windows(held, tokenizer, self.seq_len, ev.max_samples, key="eval.data")
-        self.samples = len(self.windows)
-        self.last_step = -1
+        windows = first_windows(held, tokenizer, self.seq_len, ev.max_samples, key="eval.data")
+        self.samples = len(windows)
+        self.batches = self._micro_batches(windows)  # the same every time: built once
 
     def due(self, step: int, last: bool) -> bool:
         return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
 
-    def _micro_batches(self) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
+    def _micro_batches(self, windows: List[List[int]]) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
         """This replica's windows as (inputs, targets, counted tokens), padded to the same count on every rank."""
         dp, mb = self.layout.dp, self.layout.micro_batch_size
         per_rank = math.ceil(self.samples / dp)
         count = math.ceil(per_rank / mb)
-        mine = self.windows[self.topology.dp_rank :: dp]
-        rows = [(w, True) for w in mine] + [(self.windows[0], False)] * (count * mb - len(mine))
+        mine = windows[self.topology.dp_rank :: dp]
+        rows = [(w, True) for w in mine] + [(windows[0], False)] * (count * mb - len(mine))
         out = []
         for i in range(count):
             chunk = rows[i * mb : (i + 1) * mb]
@@ -60,12 +60,11 @@ class Validator:
         return out
 
     @torch.no_grad()
-    def run(self, engine, step: int) -> Tuple[float, int]:
+    def run(self, engine) -> Tuple[float, int]:
         """Collective: every rank calls it. Returns (mean loss, windows scored), the same on every rank."""
         import torch.distributed as dist
 
-        self.last_step = step
-        batches = self._micro_batches()
+        batches = self.batches
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x tokens, tokens)
         if self.layout.pp == 1:
             engine.eval()
@@ -94,6 +93,3 @@ class Validator:
             dist.all_reduce(total, group=self.topology.dp_group)
         return float(total[0] / total[1]), self.samples
 
-
-def perplexity(loss: float) -> Optional[float]:
-    return math.exp(loss) if loss < 700 else None
