@@ -28,32 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from gptdist.train.cli import register_train_commands
+    from gptdist.commands.train import register_train_commands
 
     register_train_commands(sub)
 
-    from gptdist.train.compare import register_compare_command
+    from gptdist.tools.compare_loss import register_compare_command
 
     register_compare_command(sub)
 
-    from gptdist.tools.cli import register_tool_commands
+    from gptdist.commands.tools import register_tool_commands
 
     register_tool_commands(sub)
 
-    from gptdist.data.cli import register_data_commands
+    from gptdist.commands.data import register_data_commands
 
     register_data_commands(sub)
 
-    from gptdist.plan.cli import register_plan_command
+    from gptdist.commands.plan import register_plan_command
 
     register_plan_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table measured in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    from gptdist.data.cli import register_bench_data
+    from gptdist.commands.data import register_bench_data
 
     register_bench_data(bench_sub)
-    from gptdist.bench.cli import register_bench_commands
+    from gptdist.commands.bench import register_bench_commands
 
     register_bench_commands(bench_sub)
     return parser

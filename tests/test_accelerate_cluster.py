@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gptdist.train.metrics import read_metrics
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.accelerate_helpers import accelerate_launch, open_recipe
 from tests.helpers import ROOT, assert_ok, cpu_env, launch
 # The local cluster and the MLflow server, brought up once for this module the way tests/test_cluster.py does.

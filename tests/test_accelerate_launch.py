@@ -113,7 +113,7 @@ def test_zero2_under_accelerate_matches_the_deepspeed_launcher(tmp_path, corpus,
         assert resolved["parallel"]["zero_stage"] == 2
         assert (resolved["train"]["grad_clip"], resolved["train"]["precision"]) == (0.5, "fp32")
     # The gradient norms exceed 0.5, so clipping shaped every step: equal losses mean the same clipping was applied.
-    from gptdist.train.metrics import read_metrics
+    from gptdist.telemetry.metrics_file import read_metrics
 
     assert all(r["grad_norm"] > 0.5 for r in read_metrics(under_accelerate / "metrics.jsonl"))
     _bitwise_equal(under_deepspeed, under_accelerate)

@@ -22,7 +22,7 @@ from gptdist.launchers import accelerate_config
 from gptdist.launchers.detect import launcher_name
 from gptdist.launchers.run_config import resolve_run_config
 from gptdist.parallel.layout import Layout
-from gptdist.train.ds_config import build_ds_config
+from gptdist.engine.ds_config import build_ds_config
 from tests.accelerate_helpers import RANK_VARIABLES, accelerate_yaml, open_recipe, rank_environment
 from tests.helpers import ROOT, cpu_env
 

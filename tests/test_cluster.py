@@ -22,7 +22,7 @@ from typing import Dict
 
 import pytest
 
-from gptdist.train.metrics import read_metrics
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import ROOT, cpu_env, write_recipe
 
 pytestmark = [

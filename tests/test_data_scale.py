@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gptdist.plan.measure import run_layout
-from gptdist.train.compare import compare, load_losses
+from gptdist.tools.compare_loss import compare, load_losses
 from tests.helpers import cpu_env, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from gptdist.checkpoint import manifest as mf
-from gptdist.train.compare import compare, load_losses
-from gptdist.train.metrics import read_metrics
+from gptdist.tools.compare_loss import compare, load_losses
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, train_single, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -30,8 +30,8 @@ import pytest
 
 from gptdist.cli import main
 from gptdist.plan.measure import run_layout
-from gptdist.train.compare import compare, load_losses
-from gptdist.train.metrics import read_metrics
+from gptdist.tools.compare_loss import compare, load_losses
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import cpu_env, write_recipe
 
 pytestmark = pytest.mark.slow

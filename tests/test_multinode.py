@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gptdist.train.metrics import read_metrics
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, write_recipe
 
 STEPS = 10

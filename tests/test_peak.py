@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from gptdist.train import peak
-from gptdist.train.reporting import StepReporter
+from gptdist.telemetry import peak
+from gptdist.telemetry.reporter import StepReporter
 
 
 def test_cpu_peak_is_measured_once_and_cached_per_share_of_the_cores(tmp_path, monkeypatch):

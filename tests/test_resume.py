@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from gptdist.train.compare import compare, load_losses
-from gptdist.train.metrics import read_metrics
+from gptdist.tools.compare_loss import compare, load_losses
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import assert_ok, launch, launch_pair, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gptdist.config import TrainConfig
-from gptdist.train.optim import build_optimizer, build_scheduler, config_changes, follow_config
+from gptdist.engine.optim import build_optimizer, build_scheduler, config_changes, follow_config
 
 
 def _model():

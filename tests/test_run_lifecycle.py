@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from gptdist.train.compare import load_losses
-from gptdist.train.metrics import read_metrics
+from gptdist.tools.compare_loss import load_losses
+from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, launch_pair, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gptdist.model import GPT, GPTConfig
-from gptdist.parallel.tp_plan import apply_tensor_parallel
+from gptdist.parallel.tp.plan import apply_tensor_parallel
 from gptdist.train.seeding import rank_seed, seed_rank
 
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=64, seq_len=16, dropout=0.1)

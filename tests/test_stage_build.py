@@ -14,7 +14,7 @@ from gptdist.checkpoint.layout_free import LayoutFreeReader
 from gptdist.model import GPT, GPTConfig
 from gptdist.parallel.materialize import CheckpointValues, InitValues, materialize
 from gptdist.parallel.pipeline import BlockLayer, FinalNormLayer, PieceBuilder, PositionLayer, TokenEmbeddingLayer
-from gptdist.parallel.tp_shard import Partition, shard
+from gptdist.parallel.tp.shard import Partition, shard
 
 CFG = GPTConfig(n_layer=3, n_head=4, d_model=32, vocab_size=96, seq_len=16)
 PARTITIONS = {  # how the tensor-parallel plan splits each kind of parameter (tp_plan.py)

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 
 from gptdist.model import GPT, GPTConfig, generate
 from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
-from gptdist.parallel.tp_grad import tp_grad_norm
-from gptdist.parallel.tp_layers import (
+from gptdist.parallel.tp.grad import tp_grad_norm
+from gptdist.parallel.tp.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from gptdist.parallel.tp_plan import apply_tensor_parallel
-from gptdist.parallel.tp_shard import Partition, shard, unshard
-from gptdist.parallel.tp_state import (
+from gptdist.parallel.tp.plan import apply_tensor_parallel
+from gptdist.parallel.tp.shard import Partition, shard, unshard
+from gptdist.parallel.tp.state import (
     gather_full_state_dict,
     gather_full_tensor,
     load_full_state_dict,
@@ -255,7 +255,7 @@ def test_group_none_is_plain_single_rank():
 
 def test_divisibility_and_misuse_errors():
     with pytest.raises(ValueError, match="n_head=4"):
-        from gptdist.parallel.tp_plan import check_tp_divisibility
+        from gptdist.parallel.tp.plan import check_tp_divisibility
 
         check_tp_divisibility(tiny(n_head=4, d_model=32), 3)
     with pytest.raises(ValueError, match="vocab_size=61"):

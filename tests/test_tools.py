@@ -345,7 +345,7 @@ def test_training_resumes_from_an_imported_checkpoint(trained, tmp_path, capsys)
     loss is the model's loss on the first global batch of the training stream."""
     from gptdist.config import load_config
     from gptdist.data import iter_samples
-    from gptdist.train.metrics import read_metrics
+    from gptdist.telemetry.metrics_file import read_metrics
 
     recipe, run = trained
     out = tmp_path / "hf"

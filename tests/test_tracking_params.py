@@ -1,7 +1,7 @@
 """What goes to MLflow as params: the flattened config, never a credential."""
 
 from gptdist.config import load_config
-from gptdist.train.tracking import flatten, mask_secrets
+from gptdist.telemetry.tracking import flatten, mask_secrets
 
 
 def test_config_flattens_to_dotted_params():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.errors import UserError
-from gptdist.train.profiling import read_profiles
+from gptdist.telemetry.profiling import read_profiles
 from gptdist.machine import usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]

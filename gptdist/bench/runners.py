@@ -53,7 +53,7 @@ class PlainRunner:
 
     def __init__(self, cfg: RunConfig, chunked: bool):
         from gptdist.model import GPT
-        from gptdist.train.optim import build_optimizer
+        from gptdist.engine.optim import build_optimizer
 
         dev = device_type()
         _same_gpu_settings(dev)
@@ -84,7 +84,7 @@ class TransformersRunner(PlainRunner):
         import transformers
 
         from gptdist.model.hf import hf_config_from
-        from gptdist.train.optim import build_optimizer
+        from gptdist.engine.optim import build_optimizer
 
         dev = device_type()
         _same_gpu_settings(dev)
@@ -117,9 +117,9 @@ class DeepSpeedRunner:
     def __init__(self, cfg: RunConfig):
         from gptdist.parallel.layout import Layout
         from gptdist.parallel.topology import Topology
-        from gptdist.train import runtime
-        from gptdist.train.ds_config import resolve_precision
-        from gptdist.train.engine import build_training_engine, quiet_deepspeed
+        from gptdist.engine import process as runtime
+        from gptdist.engine.ds_config import resolve_precision
+        from gptdist.engine.build import build_training_engine, quiet_deepspeed
         from gptdist.train.loop import _quiet_warnings
         from gptdist.train.stop import StopRequest
 
@@ -174,7 +174,7 @@ def _same_gpu_settings(dev: str) -> None:
 
 def _autocast(cfg: RunConfig, dev: str):
     """bf16 autocast for the plain loops where gptdist trains in bf16 (GPUs), else nothing."""
-    from gptdist.train.ds_config import resolve_precision
+    from gptdist.engine.ds_config import resolve_precision
 
     if resolve_precision(cfg, dev) == "bf16":
         return torch.autocast(dev, dtype=torch.bfloat16)

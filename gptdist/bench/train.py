@@ -2,7 +2,7 @@
 
 One table, measured in one run: the config's model and micro-batch on random tokens, one micro-batch per optimizer
 step, the same timed steps after the same warm-up for every row, medians over interleaved repeats (workers.py).
-Rows: gptdist's DeepSpeed engine (ZeRO-0, built by gptdist.train.engine as training builds it), the plain PyTorch
+Rows: gptdist's DeepSpeed engine (ZeRO-0, built by gptdist.engine.build as training builds it), the plain PyTorch
 loop with nanoGPT's full-logits loss (the baseline, 1.00x), the same loop with gptdist's chunked loss, transformers'
 GPT2LMHeadModel, and the matmul ceiling that MFU is measured against.
 """
@@ -42,8 +42,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
     import torch
 
     from gptdist.model import count_parameters, flops_per_token
-    from gptdist.train.ds_config import resolve_precision
-    from gptdist.train.metrics import datasheet_peak_flops
+    from gptdist.engine.ds_config import resolve_precision
+    from gptdist.telemetry.metrics_file import datasheet_peak_flops
 
     cfg = bench_config(args.config, args.overrides)
     gpu = torch.cuda.is_available()

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from gptdist.checkpoint.safetensors_slices import SafetensorsFile
-from gptdist.parallel.tp_shard import Partition, shard, unshard
+from gptdist.parallel.tp.shard import Partition, shard, unshard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -85,7 +85,7 @@ def restore_same_layout(engine, folder: Path, rank: int, train_cfg) -> None:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"resume: DeepSpeed found no model files for this rank in {folder}")
-    from gptdist.train.optim import follow_config
+    from gptdist.engine.optim import follow_config
 
     follow_config(_base_optimizer(engine), engine.lr_scheduler, train_cfg)
     rng = folder / "rng" / f"rank{rank:05d}.pt"

@@ -81,7 +81,7 @@ class SaveContext:
     run_dir: Path
     rank: int
     world_size: int
-    faults: Any = None  # gptdist.train.faults.Faults, for reliability drills
+    faults: Any = None  # gptdist.train.drills.Faults, for reliability drills
 
 
 def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Optional[str]:

@@ -1,7 +1,7 @@
 """What gptdist knows about the launchers that start its ranks.
 
 `gptdist train` runs the same way whoever starts it (the deepspeed launcher, torchrun, srun, or `accelerate
-launch`): it reads its place from RANK/WORLD_SIZE/LOCAL_RANK (gptdist/train/runtime.py) and builds the DeepSpeed
+launch`): it reads its place from RANK/WORLD_SIZE/LOCAL_RANK (gptdist/engine/process.py) and builds the DeepSpeed
 engine itself. This package holds the launcher-specific parts around that:
 
     detect.py               which launcher started this rank (recorded in the MLflow run)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from gptdist.model.config import GPTConfig
 from gptdist.model.init import canonical_name, init_value
-from gptdist.parallel.tp_shard import Partition, full_shape, partition_of, shard, tag
+from gptdist.parallel.tp.shard import Partition, full_shape, partition_of, shard, tag
 
 
 class ValueSource(Protocol):

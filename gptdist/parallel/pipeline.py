@@ -33,7 +33,7 @@ from gptdist.model.config import GPTConfig
 from gptdist.model.embedding import Embeddings
 from gptdist.model.head import LMHead
 from gptdist.parallel.materialize import ValueSource, materialize
-from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
+from gptdist.parallel.tp.comm import Group, tp_rank, tp_size
 
 TIED_KEY = "wte"
 
@@ -56,7 +56,7 @@ class PieceBuilder:
     def token_embedding(self) -> nn.Module:
         wte = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model, device="meta")
         if tp_size(self.group) > 1:
-            from gptdist.parallel.tp_plan import shard_token_embedding
+            from gptdist.parallel.tp.plan import shard_token_embedding
 
             wte = shard_token_embedding(wte, self.group)
         return self.finish(wte, "embed.wte")
@@ -92,7 +92,7 @@ class TiedHeadLayer(nn.Module):
         super().__init__()
         self.wte = build.token_embedding()
         if build.tensor_parallel:
-            from gptdist.parallel.tp_head import VocabParallelLMHead
+            from gptdist.parallel.tp.head import VocabParallelLMHead
 
             self.head = VocabParallelLMHead(build.group)
         else:
@@ -127,7 +127,7 @@ class BlockLayer(nn.Module):
         super().__init__()
         block = Block(build.cfg, device="meta")
         if build.tensor_parallel:
-            from gptdist.parallel.tp_plan import shard_block
+            from gptdist.parallel.tp.plan import shard_block
 
             shard_block(block, build.group)
         self.block = build.finish(block, f"blocks.{index}")

@@ -73,7 +73,7 @@ def cpu_hardware(ranks_per_node: int) -> Hardware:
     """This machine's CPU, with its cores shared by `ranks_per_node` ranks (each gets cores / ranks threads)."""
     import torch
 
-    from gptdist.train.peak import measure_rank_flops
+    from gptdist.telemetry.peak import measure_rank_flops
 
     cores = usable_cores()
     threads = max(1, cores // max(1, ranks_per_node))

@@ -110,7 +110,7 @@ def run_layout(config: str, overrides: Sequence[str], ranks: int, run_dir: Path,
         watcher.stop()
     out.vm_hwm = dict(watcher.hwm)
     out.io = dict(watcher.io)
-    from gptdist.train.memory import read_reports
+    from gptdist.telemetry.memory import read_reports
 
     if (run_dir / "memory").is_dir():
         out.reports = read_reports(run_dir)

@@ -17,7 +17,7 @@ from gptdist.plan.hardware import Hardware
 from gptdist.plan.memory_model import Layout, RankMemory, chunk_rows_for, predict_rank
 from gptdist.plan.shapes import rank_params
 from gptdist.plan.timing import StepTime, step_time
-from gptdist.train.ds_config import zero_buffers
+from gptdist.engine.ds_config import zero_buffers
 
 
 @dataclass

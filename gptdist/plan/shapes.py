@@ -65,12 +65,12 @@ def stage_blocks(n_layer: int, pp: int) -> Tuple[Tuple[int, ...], ...]:
 def _sharded_shapes(cfg_json: str, tp: int, tp_rank: int) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
 
     from gptdist.model import GPT
-    from gptdist.parallel.tp_comm import ShapeGroup
+    from gptdist.parallel.tp.comm import ShapeGroup
 
     cfg = GPTConfig.model_validate_json(cfg_json)
     model = GPT(cfg, seed=None, device="meta")
     if tp > 1:
-        from gptdist.parallel.tp_plan import shard_structure
+        from gptdist.parallel.tp.plan import shard_structure
 
         shard_structure(model, ShapeGroup(tp, tp_rank))
     return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())

@@ -34,7 +34,7 @@ from gptdist.model.config import GPTConfig
 from gptdist.plan.hardware import Hardware
 from gptdist.plan.memory_model import Layout
 from gptdist.plan.shapes import RankParams
-from gptdist.train.ds_config import block_numel
+from gptdist.engine.ds_config import block_numel
 
 MEMORY_BANDWIDTH = {"H100 SXM 80GB": 3.35e12, "H200 SXM 141GB": 4.8e12, "A100 SXM 80GB": 2.0e12,
                     "A100 SXM 40GB": 1.55e12}

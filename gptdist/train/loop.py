@@ -15,15 +15,15 @@ from typing import Any, Dict
 from gptdist.config import RunConfig, dump_config
 from gptdist.model import count_parameters, flops_per_token
 from gptdist.parallel.layout import Layout
-from gptdist.train import runtime
-from gptdist.train.metrics import MetricsLog, truncate_metrics
-from gptdist.train.peak import job_peak_flops
-from gptdist.train.faults import Faults
-from gptdist.train.reporting import RankZeroLog, StepReporter, progress_bar
+from gptdist.engine import process as runtime
+from gptdist.telemetry.metrics_file import MetricsLog, truncate_metrics
+from gptdist.telemetry.peak import job_peak_flops
+from gptdist.train.drills import Faults
+from gptdist.telemetry.reporter import RankZeroLog, StepReporter, progress_bar
 from gptdist.train.stop import StopRequest
 
-from gptdist.train import ending
-from gptdist.train.ending import COMPLETE_FILE, STOPPED_FILE
+from gptdist.train import outcome as ending
+from gptdist.train.outcome import COMPLETE_FILE, STOPPED_FILE
 
 
 def train(cfg: RunConfig) -> int:
@@ -32,7 +32,7 @@ def train(cfg: RunConfig) -> int:
     # Everything that can be refused is refused here, before any rank waits on another (the same checks as
     # `gptdist check`).
     from gptdist.data import build_train_loader
-    from gptdist.train.ds_config import resolve_precision
+    from gptdist.engine.ds_config import resolve_precision
     from gptdist.train.preflight import preflight
 
     checked = preflight(cfg, place.world_size, log.warn, probe_tracking=place.is_main)
@@ -49,11 +49,11 @@ def train(cfg: RunConfig) -> int:
     from gptdist.checkpoint.resume import choose_verified, read_state, restore_moments, restore_same_layout, same_layout
     from gptdist.checkpoint.store import SaveContext, save_checkpoint
     from gptdist.parallel.topology import Topology
-    from gptdist.train.engine import build_training_engine, quiet_deepspeed
-    from gptdist.train.memory import MemoryReport
-    from gptdist.train.profiling import RunProfiler
-    from gptdist.train.steps import DataPosition
-    from gptdist.train.tracking import NullTracker, flatten, start_tracker
+    from gptdist.engine.build import build_training_engine, quiet_deepspeed
+    from gptdist.telemetry.memory import MemoryReport
+    from gptdist.telemetry.profiling import RunProfiler
+    from gptdist.engine.steps import DataPosition
+    from gptdist.telemetry.tracking import NullTracker, flatten, start_tracker
 
     quiet_deepspeed(place.is_main)
     topology = Topology(layout, place.rank)
@@ -87,7 +87,7 @@ def train(cfg: RunConfig) -> int:
             restore_moments(engine, names, weights, topology, start_step)
         log.info(f"gptdist | resumed from {resume_from} at step {start_step}"
                  f"{'' if exact else ' (layout changed: weights and optimizer moments re-cut for this layout)'}")
-        from gptdist.train.optim import config_changes
+        from gptdist.engine.optim import config_changes
 
         changed = [c for c in config_changes(state.get("config") or {}, cfg.to_dict())
                    if not c.startswith(("run.", "resume:"))]
@@ -121,7 +121,7 @@ def train(cfg: RunConfig) -> int:
     position = DataPosition(state.get("data_state") or {})
     loader, batches = None, None
     if topology.needs_data:
-        from gptdist.train.data_sharing import DataReport, data_sharing
+        from gptdist.train.feed import DataReport, data_sharing
 
         loader = build_train_loader(
             cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
@@ -213,7 +213,7 @@ def _plot_for_tracking(run_dir: Path, tracker, log) -> None:
     """The curves as a PNG artifact of the MLflow run (rank 0, at the end)."""
     if tracker.run_id is None or not (run_dir / "metrics.jsonl").exists():
         return
-    from gptdist.train.run_plot import PLOT_FILE, plot_run
+    from gptdist.telemetry.plot import PLOT_FILE, plot_run
 
     try:
         tracker.log_artifact(plot_run(run_dir / "metrics.jsonl", run_dir / PLOT_FILE))

@@ -50,7 +50,7 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     candidates = plan_resume(cfg, tokenizer.identity, report)
     warning = None
     if probe_tracking:
-        from gptdist.train.tracking import preflight as tracking_preflight
+        from gptdist.telemetry.tracking import preflight as tracking_preflight
 
         warning = tracking_preflight(cfg.tracking, Path(cfg.run.dir))
     return Preflight(layout, tokenizer, candidates, warning)
@@ -62,7 +62,7 @@ def check_precision(cfg: RunConfig) -> None:
         return
     import torch
 
-    from gptdist.train.ds_config import resolve_precision
+    from gptdist.engine.ds_config import resolve_precision
 
     resolve_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -73,7 +73,7 @@ def check_deepspeed_config(cfg: RunConfig, layout: Layout) -> None:
     imported here."""
     if not cfg.train.deepspeed_config:
         return
-    from gptdist.train.ds_config import build_ds_config
+    from gptdist.engine.ds_config import build_ds_config
 
     path = cfg.train.deepspeed_config
     ds = build_ds_config(cfg, layout, "fp32" if cfg.train.precision == "auto" else cfg.train.precision)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptdist.parallel.tp_comm import (
+from gptdist.parallel.tp.comm import (
     Group,
     copy_to_tp_region,
     gather_from_tp_region,
@@ -28,8 +28,8 @@ from gptdist.parallel.tp_comm import (
     tp_rank,
     tp_size,
 )
-from gptdist.parallel.tp_head import VocabParallelLMHead, vocab_parallel_cross_entropy
-from gptdist.parallel.tp_shard import REPLICATED, Partition, partition_of, shard, tag
+from gptdist.parallel.tp.head import VocabParallelLMHead, vocab_parallel_cross_entropy
+from gptdist.parallel.tp.shard import REPLICATED, Partition, partition_of, shard, tag
 
 __all__ = [
     "ColumnParallelLinear",

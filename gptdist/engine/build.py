@@ -14,8 +14,8 @@ import torch
 from gptdist.config import RunConfig
 from gptdist.model import GPT
 from gptdist.parallel.layout import Layout
-from gptdist.train.ds_config import build_ds_config
-from gptdist.train.optim import build_optimizer, build_scheduler
+from gptdist.engine.ds_config import build_ds_config
+from gptdist.engine.optim import build_optimizer, build_scheduler
 
 
 def quiet_deepspeed(is_main: bool) -> None:
@@ -42,12 +42,12 @@ def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, 
     parameter over the data-parallel group as soon as it has its value, so the unpartitioned model never exists.
     `weights` (a LayoutFreeReader) gives a checkpoint's values instead of the initial ones."""
     from gptdist.parallel.materialize import materialize
-    from gptdist.parallel.tp_comm import tp_rank, tp_size
+    from gptdist.parallel.tp.comm import tp_rank, tp_size
 
     model = GPT(cfg.model, seed=None, device="meta")
     group = topology.tp_group if layout.tp > 1 else None
     if layout.tp > 1:
-        from gptdist.parallel.tp_plan import check_tp_divisibility, shard_structure
+        from gptdist.parallel.tp.plan import check_tp_divisibility, shard_structure
 
         check_tp_divisibility(cfg.model, layout.tp)
         shard_structure(model, group)
@@ -65,7 +65,7 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
 
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
     from gptdist.parallel.pipeline import PieceBuilder, build_pipeline, cross_entropy_loss, stage_parameter_names
-    from gptdist.train.steps import PipelineStep, PlainStep
+    from gptdist.engine.steps import PipelineStep, PlainStep
 
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     ds_config = build_ds_config(cfg, layout, precision)
@@ -73,8 +73,8 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
         group = topology.tp_group if layout.tp > 1 else None
         build = PieceBuilder(cfg.model, group, device, value_source(cfg, weights))
         if layout.tp > 1:
-            from gptdist.parallel.tp_head import VocabParallelLMHead
-            from gptdist.parallel.tp_plan import check_tp_divisibility
+            from gptdist.parallel.tp.head import VocabParallelLMHead
+            from gptdist.parallel.tp.plan import check_tp_divisibility
 
             check_tp_divisibility(cfg.model, layout.tp)
             # The last stage emits vocab-sharded logits; the vocab-parallel loss reads them without gathering.
@@ -116,7 +116,7 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
     every parameter once: tensor-sharded ones on every rank, replicated ones on tensor rank 0, the tied embedding
     on the first stage only, summed over the tensor (x pipe) group, and keeps the norm for the metrics.
     """
-    from gptdist.parallel.tp_grad import tp_grad_norm
+    from gptdist.parallel.tp.grad import tp_grad_norm
 
     max_norm = engine.gradient_clipping()
     group = engine.mpu.get_model_parallel_group() if pipeline else topology.tp_group

@@ -97,7 +97,7 @@ class LiveBytes:
 
 
 def main() -> int:
-    """`python -m gptdist.train.live_bytes`: build the CPU counting allocator now (launch/setup.sh does)."""
+    """`python -m gptdist.telemetry.live_bytes`: build the CPU counting allocator now (launch/setup.sh does)."""
     if counting_allocator() is None:
         print(f"gptdist: the CPU memory counter could not be built ({build_problem()}); memory reports will show "
               "peak RSS only", flush=True)

@@ -144,6 +144,6 @@ def tokenizer_train_command(args: argparse.Namespace) -> int:
 
 
 def bench_data_command(args: argparse.Namespace) -> int:
-    from gptdist.data.bench import run_bench
+    from gptdist.bench.data import run_bench
 
     return run_bench(args)

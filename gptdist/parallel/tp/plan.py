@@ -32,9 +32,9 @@ import torch.nn as nn
 from gptdist.model.config import GPTConfig
 from gptdist.model.init import canonical_name
 from gptdist.parallel.materialize import InitValues, TensorValues, materialize
-from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
-from gptdist.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from gptdist.parallel.tp_head import VocabParallelLMHead
+from gptdist.parallel.tp.comm import Group, tp_rank, tp_size
+from gptdist.parallel.tp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from gptdist.parallel.tp.head import VocabParallelLMHead
 
 
 def check_tp_divisibility(cfg: GPTConfig, tp: int) -> None:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptdist.parallel.tp_comm import Group, copy_to_tp_region, gather_from_tp_region, tp_rank, tp_size
+from gptdist.parallel.tp.comm import Group, copy_to_tp_region, gather_from_tp_region, tp_rank, tp_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

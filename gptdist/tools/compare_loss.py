@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from gptdist.errors import UserError
-from gptdist.train.metrics import read_metrics
+from gptdist.telemetry.metrics_file import read_metrics
 
 
 def load_losses(run: str | Path) -> Dict[int, float]:

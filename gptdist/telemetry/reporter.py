@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from gptdist.train.peak import mfu as model_flops_utilization
+from gptdist.telemetry.peak import mfu as model_flops_utilization
 
 
 class RankZeroLog:

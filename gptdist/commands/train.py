@@ -49,7 +49,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
             return UserError.exit_code
         raise
-    from gptdist.train.runtime import discover_place, finish_process, keep_mlflow_out
+    from gptdist.engine.process import discover_place, finish_process, keep_mlflow_out
 
     if not (cfg.tracking.enabled and discover_place().is_main):
         keep_mlflow_out()

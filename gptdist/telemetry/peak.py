@@ -99,7 +99,7 @@ def job_peak_flops(configured: Optional[float], device_type: str, precision: str
     if device_type == "cuda":
         import torch
 
-        from gptdist.train.metrics import datasheet_peak_flops
+        from gptdist.telemetry.metrics_file import datasheet_peak_flops
 
         found = datasheet_peak_flops(torch.cuda.get_device_name(), precision)
         return found * world_size if found else None

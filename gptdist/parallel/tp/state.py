@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gptdist.model.init import canonical_name
-from gptdist.parallel.tp_comm import Group, tp_rank, tp_size
-from gptdist.parallel.tp_shard import Partition, partition_of, shard, unshard
+from gptdist.parallel.tp.comm import Group, tp_rank, tp_size
+from gptdist.parallel.tp.shard import Partition, partition_of, shard, unshard
 
 
 def _entries(model: nn.Module) -> Dict[str, tuple[torch.Tensor, Partition]]:

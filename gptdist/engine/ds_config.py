@@ -45,7 +45,7 @@ def build_ds_config(cfg: RunConfig, layout: Layout, precision: str) -> Dict[str,
         # DeepSpeed's default all-reduce of every bucket (3Ψ): fewer bytes at the same speed (docs/performance.md).
         ds["zero_optimization"]["use_multi_rank_bucket_allreduce"] = False
     if cfg.profile.comms:
-        from gptdist.train.profiling import COMMS_LOGGER
+        from gptdist.telemetry.profiling import COMMS_LOGGER
 
         ds.update(COMMS_LOGGER)
     if cfg.train.deepspeed_config:

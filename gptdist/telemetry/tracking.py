@@ -71,7 +71,7 @@ class MlflowTracker(NullTracker):
     disk, network and, where there are GPUs, their utilization and memory) sampled from rank 0's node."""
 
     def __init__(self, cfg: TrackingConfig, uri: str, client, run_id: str, resumed: bool, warn) -> None:
-        from gptdist.train.tracking_retry import Resilient
+        from gptdist.telemetry.retry import Resilient
 
         self.cfg, self.uri, self.client, self.run_id = cfg, uri, client, run_id
         self.monitor = None
@@ -125,7 +125,7 @@ def _client(uri: str):
 
     from mlflow.tracking import MlflowClient
 
-    from gptdist.train.tracking_retry import fail_fast_http
+    from gptdist.telemetry.retry import fail_fast_http
 
     # MLflow announces its database migrations at INFO; the run's own log is what the user reads.
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from gptdist.train.live_bytes import LiveBytes, build_problem
+from gptdist.telemetry.live_bytes import LiveBytes, build_problem
 
 KINDS = ("params", "grads", "master", "optimizer", "buffers")
 

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from gptdist.parallel.tp_comm import Group, tp_rank
+from gptdist.parallel.tp.comm import Group, tp_rank
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:

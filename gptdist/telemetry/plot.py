@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from gptdist.train.metrics import read_metrics
+from gptdist.telemetry.metrics_file import read_metrics
 
 PLOT_FILE = "training_curves.png"
 
