@@ -260,3 +260,16 @@ def _known_keys(section_loc: List[str]) -> List[str]:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
+    """'key: old -> new' for every value that differs between two resolved configs (as dicts)."""
+    out: List[str] = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -2,7 +2,7 @@
 
 import json
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import MANIFEST, checksum_problems, describe, list_files, write_manifest
 from gptdist.checkpoint.store import prune, resume_candidates
 
 
@@ -12,7 +12,7 @@ def _checkpoint(root, step, files):
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    mf.write_manifest(folder, mf.describe(folder, mf.list_files(folder)), step)
+    write_manifest(folder, describe(folder, list_files(folder)), step)
     return folder
 
 
@@ -34,9 +34,9 @@ def test_truncated_missing_and_corrupted(tmp_path):
     assert "step_00000020 is damaged (a.pt has 60 bytes, the manifest says 100 (truncated?))" in text
     # Same size, different bytes: only the checksum finds it.
     (ok / "a.pt").write_bytes(b"z" * 100)
-    manifest = json.loads((ok / mf.MANIFEST).read_text())
-    assert mf.checksum_problems(ok, manifest, ["a.pt"]) == ["a.pt does not match its SHA-256 (corrupted)"]
-    assert mf.checksum_problems(ok, manifest, ["model/b.safetensors"]) == []
+    manifest = json.loads((ok / MANIFEST).read_text())
+    assert checksum_problems(ok, manifest, ["a.pt"]) == ["a.pt does not match its SHA-256 (corrupted)"]
+    assert checksum_problems(ok, manifest, ["model/b.safetensors"]) == []
 
 
 def test_prune_keeps_newest_complete(tmp_path):

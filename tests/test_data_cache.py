@@ -17,7 +17,7 @@ import yaml
 
 from gptdist.cli import main
 from gptdist.data import DataConfig, build_train_loader
-from gptdist.data.producers import Sharing
+from gptdist.data.producers import ProducerGroup
 from tests.data_helpers import data_cfg, tiny, write_text_files  # noqa: F401
 
 SEQ = 15
@@ -26,7 +26,7 @@ KW = dict(seq_len=SEQ, micro_batch_size=4, dp_rank=0, dp_size=1, seed=4)
 
 def _batches(cfg: DataConfig, n: int, cache=None, state=None, workers=0):
     with build_train_loader(cfg.model_copy(update={"workers": workers}), state=state,
-                            sharing=Sharing(cache_dir=str(cache) if cache else None), **KW) as loader:
+                            producers=ProducerGroup(cache_dir=str(cache) if cache else None), **KW) as loader:
         out = [(b.indices, b.inputs.tolist(), b.targets.tolist()) for b in itertools.islice(loader, n)]
         return out, loader.stats
 

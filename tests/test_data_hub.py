@@ -101,11 +101,11 @@ def test_resume_seeks_by_saved_position_instead_of_rereading(tiny, hub, tmp_path
     cfg = _cfg(tiny)
     straight = _samples(cfg, 6004)
     kwargs = dict(seq_len=SEQ, micro_batch_size=4, dp_rank=0, dp_size=1, seed=3)
-    from gptdist.data.producers import Sharing
+    from gptdist.data.producers import ProducerGroup
 
-    sharing = Sharing(cache_dir=str(tmp_path / "cache"))
+    producers = ProducerGroup(cache_dir=str(tmp_path / "cache"))
     hub.served = 0
-    with build_train_loader(cfg, sharing=sharing, **kwargs) as loader:
+    with build_train_loader(cfg, producers=producers, **kwargs) as loader:
         batches = list(itertools.islice(loader, 1500))  # samples 0-5999
     state = batches[-1].state
     read_before = hub.served
@@ -116,7 +116,7 @@ def test_resume_seeks_by_saved_position_instead_of_rereading(tiny, hub, tmp_path
 
     shutil.rmtree(tmp_path / "cache" / "blocks")
     hub.served = 0
-    with build_train_loader(cfg, state=state, sharing=sharing, **kwargs) as loader:
+    with build_train_loader(cfg, state=state, producers=producers, **kwargs) as loader:
         first = next(loader)
     assert first.indices == [6000, 6001, 6002, 6003]
     assert [row.tolist() + [t] for row, t in zip(first.inputs, first.targets[:, -1].tolist())] == straight[6000:6004]
@@ -128,7 +128,7 @@ def test_resume_seeks_by_saved_position_instead_of_rereading(tiny, hub, tmp_path
     # Without any saved position it still resumes exactly, by reading forward from the start.
     shutil.rmtree(tmp_path / "cache")
     hub.served = 0
-    with build_train_loader(cfg, state=state, sharing=sharing, **kwargs) as loader:
+    with build_train_loader(cfg, state=state, producers=producers, **kwargs) as loader:
         again = next(loader)
     assert again.indices == first.indices and again.inputs.equal(first.inputs)
     assert hub.served >= read_before - 512 - 3 * 64

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import checksum_problems, read_manifest, size_problems
 from gptdist.tools.compare_loss import compare, load_losses
 from gptdist.telemetry.metrics_file import read_metrics
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, train_single, write_recipe
@@ -54,9 +54,9 @@ def test_too_many_bad_steps_stops_and_keeps_last_good_checkpoint(tmp_path, corpu
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_00000002"
     folder = run / "checkpoints" / latest
-    manifest = mf.read_manifest(folder)
-    assert mf.size_problems(folder, manifest) == []
-    assert mf.checksum_problems(folder, manifest, list(manifest["files"])) == []
+    manifest = read_manifest(folder)
+    assert size_problems(folder, manifest) == []
+    assert checksum_problems(folder, manifest, list(manifest["files"])) == []
     assert not (run / "checkpoints" / "step_00000004").exists()
 
 
@@ -105,6 +105,6 @@ def test_full_disk_keeps_previous_checkpoint(small_disk, tmp_path, corpus, token
     assert "checkpoint of step 8 not saved" in proc.stderr and "MB free" in proc.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     folder = run / "checkpoints" / "step_00000004"
-    manifest = mf.read_manifest(folder)
-    assert mf.checksum_problems(folder, manifest, list(manifest["files"])) == []
+    manifest = read_manifest(folder)
+    assert checksum_problems(folder, manifest, list(manifest["files"])) == []
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))

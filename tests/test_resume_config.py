@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from gptdist.config import TrainConfig
-from gptdist.engine.optim import build_optimizer, build_scheduler, config_changes, follow_config
+from gptdist.config import config_changes
+from gptdist.engine.optim import build_optimizer, build_scheduler, follow_config
 
 
 def _model():

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from gptdist.checkpoint.layout_free import LayoutFreeReader
 from gptdist.model import GPT, GPTConfig
 from gptdist.parallel.materialize import CheckpointValues, InitValues, materialize
-from gptdist.parallel.pipeline import BlockLayer, FinalNormLayer, PieceBuilder, PositionLayer, TokenEmbeddingLayer
+from gptdist.parallel.pipeline import BlockLayer, FinalNormLayer, StageLayers, PositionLayer, TokenEmbeddingLayer
 from gptdist.parallel.tp.shard import Partition, shard
 
 CFG = GPTConfig(n_layer=3, n_head=4, d_model=32, vocab_size=96, seq_len=16)
@@ -30,7 +30,7 @@ def partition(name: str) -> Partition:
 
 def test_stage_layers_build_their_piece_with_the_full_models_values():
     full = dict(GPT(CFG, seed=5).named_parameters())
-    build = PieceBuilder(CFG, None, torch.device("cpu"), InitValues(CFG, 5))
+    build = StageLayers(CFG, None, torch.device("cpu"), InitValues(CFG, 5))
     layers = {"blocks.1": BlockLayer(build, 1).block, "ln_f": FinalNormLayer(build).ln_f,
               "embed.wte": TokenEmbeddingLayer(build).wte, "embed": PositionLayer(build).embed}
     for prefix, module in layers.items():
@@ -80,7 +80,7 @@ def test_a_stage_materialized_from_a_checkpoint_reads_only_its_own_tensors(tmp_p
     asked = []
     original = reader._slice
     monkeypatch.setattr(reader, "_slice", lambda r, name: asked.append(name) or original(r, name))
-    build = PieceBuilder(CFG, None, torch.device("cpu"), CheckpointValues(reader))
+    build = StageLayers(CFG, None, torch.device("cpu"), CheckpointValues(reader))
     block = BlockLayer(build, 2).block
     assert asked and all(name.startswith("blocks.2.") for name in asked)
     for local, value in block.named_parameters():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import describe, list_files, read_manifest, size_problems, write_manifest
 from gptdist.checkpoint.layout_free import LayoutFreeReader
 from gptdist.cli import main
 from gptdist.model import GPT
@@ -57,7 +57,7 @@ def rewrite_state(folder: Path, edit) -> None:
     state = json.loads((folder / "gptdist_state.json").read_text())
     edit(state)
     (folder / "gptdist_state.json").write_text(json.dumps(state))
-    mf.write_manifest(folder, mf.describe(folder, mf.list_files(folder)), state["step"])
+    write_manifest(folder, describe(folder, list_files(folder)), state["step"])
 
 
 # ------------------------------------------------------------------------------ fast: a random small GPT-2
@@ -120,7 +120,7 @@ def test_import_writes_a_complete_checkpoint_training_accepts(imported, recipe, 
     tok = load_tokenizer(str(tokenizer_path))
     assert (state["step"], state["data_state"], state["mlflow_run_id"], state["layout"]) == (0, {}, None, None)
     assert state["tokenizer"] == tok.identity and state["config"]["model"]["vocab_size"] == 512
-    assert mf.size_problems(folder, mf.read_manifest(folder)) == []
+    assert size_problems(folder, read_manifest(folder)) == []
     # What `gptdist train RECIPE resume=RUN` decides before any rank starts: this checkpoint, compatible.
     cfg = load_config(recipe, [f"resume={imported}"])
     assert plan_resume(cfg, tok.identity, print) == [folder]

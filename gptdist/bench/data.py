@@ -87,7 +87,7 @@ def _rank_main(cfg, rank: int, world: int, cache_dir: str, tokens: int, go, resu
     import resource
 
     from gptdist.data.loader import build_train_loader
-    from gptdist.data.producers import Sharing
+    from gptdist.data.producers import ProducerGroup
 
     try:
         per_batch = cfg.train.micro_batch_size * cfg.model.seq_len
@@ -97,7 +97,7 @@ def _rank_main(cfg, rank: int, world: int, cache_dir: str, tokens: int, go, resu
         with build_train_loader(
             cfg.data.model_copy(update={"workers": 0}), seq_len=cfg.model.seq_len,
             micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
-            sharing=Sharing(rank, world, cache_dir),
+            producers=ProducerGroup(rank, world, cache_dir),
         ) as loader:
             for _ in loader:
                 done += per_batch

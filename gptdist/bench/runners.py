@@ -111,38 +111,30 @@ class TransformersRunner(PlainRunner):
 
 
 class DeepSpeedRunner:
-    """The 1-rank gptdist step, built exactly as `gptdist train` builds it (a world of one process), and driven the
-    way train/loop.py drives it each optimizer step: the lr read, PlainStep, the grad norm, the stop agreement."""
+    """The 1-rank gptdist step, built by the bootstrap `gptdist train` uses (a world of one process) and driven the
+    way train/loop.py drives it each optimizer step: the Stepper (lr, step, grad norm) and the stop agreement."""
 
     def __init__(self, cfg: RunConfig):
+        from gptdist.engine.build import build_training_engine
+        from gptdist.engine.process import discover_world, start_rank
         from gptdist.parallel.layout import Layout
-        from gptdist.parallel.topology import Topology
-        from gptdist.engine import process as runtime
-        from gptdist.engine.ds_config import resolve_precision
-        from gptdist.engine.build import build_training_engine, quiet_deepspeed
-        from gptdist.train.loop import _quiet_warnings
+        from gptdist.train.drills import FaultDrills
+        from gptdist.train.stepper import Stepper
         from gptdist.train.stop import StopRequest
 
-        place = runtime.discover_place()
-        dev = runtime.prepare_process(place)
-        precision = resolve_precision(cfg, dev)
-        _quiet_warnings(True)
-        runtime.init_process_group(dev, timeout_s=600)
-        quiet_deepspeed(True)
-        layout = Layout.resolve(cfg, place.world_size)
-        self.engine, self.step_fn, _ = build_training_engine(cfg, layout, Topology(layout, place.rank), dev, precision)
+        world = discover_world()
+        rank = start_rank(cfg, world, Layout.resolve(cfg, world.size))
+        drills = FaultDrills(world.rank, env={})
+        self.engine, step_fn, _ = build_training_engine(cfg, rank, None, drills)
         self.engine.train()
         self.device = self.engine.device
-        self.batches = itertools.repeat(random_batch(cfg, self.device))
+        self.stepper = Stepper(self.engine, step_fn, itertools.repeat(random_batch(cfg, self.device)), drills)
         self.stop = StopRequest()
-        self.grad_norm: Any = None
         self.done = 0
 
     def step(self) -> None:
-        self.engine.get_lr()
         self.done += 1
-        self.step_fn(self.batches, self.done)
-        self.grad_norm = self.engine.get_global_grad_norm()
+        self.stepper.step(self.done)
         self.stop.agreed(self.engine.device)
 
 

@@ -54,16 +54,16 @@ def run_bench_train(args: argparse.Namespace) -> int:
 
     m, t = cfg.model, cfg.train
     tokens = t.micro_batch_size * m.seq_len
-    fpt = flops_per_token(m)
+    token_flops = flops_per_token(m)
     peak = datasheet_peak_flops(torch.cuda.get_device_name(), precision) if gpu else None
     print(f"gptdist bench train: {args.config} {' '.join(args.overrides)}".rstrip())
     print(f"model: {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, vocab {m.vocab_size}, seq {m.seq_len}, "
           f"{count_parameters(m) / 1e6:.2f} M params; micro-batch {t.micro_batch_size} ({tokens} tokens/step), "
-          f"{precision}; FLOPs/token 6N+12LdT = {fpt / 1e6:.1f} M")
+          f"{precision}; FLOPs/token 6N+12LdT = {token_flops / 1e6:.1f} M")
     print(f"{machine()}; {args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} interleaved "
           f"repeats; each row in its own process")
     print()
-    lines = build_lines(results, TITLES, tokens_per_step=tokens, flops_per_token=fpt, datasheet_peak=peak)
+    lines = build_lines(results, TITLES, tokens_per_step=tokens, flops_per_token=token_flops, datasheet_peak=peak)
     print(format_table(lines, gpu))
     failed = [r for r in results if r.error]
     for res in failed:

@@ -39,13 +39,13 @@ def _partition(param: torch.Tensor) -> Partition:
     return Partition(getattr(param, "tp_partition_dim", None), getattr(param, "tp_partition_stride", 1))
 
 
-def owned_parameters(engine, names: Dict[int, str]) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+def owned_parameters(engine, param_names: Dict[int, str]) -> Iterator[Tuple[str, torch.nn.Parameter]]:
     """(canonical name, parameter) for every parameter this rank holds, the pipeline's second copy of the tied
     embedding excepted (it equals the first stage's)."""
     for param in engine.module.parameters():
         if getattr(param, "ds_pipe_replicated", False):
             continue
-        yield names[id(param)], param
+        yield param_names[id(param)], param
 
 
 def _full_across_dp(engine, param: torch.nn.Parameter) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
@@ -80,7 +80,7 @@ MIN_FILE_BYTES = 16 << 20
 _FILE_NAME = re.compile(r"^tp(\d+)_pp(\d+)(?:_.*)?\.safetensors$")
 
 
-def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path, file_bytes: int = FILE_BYTES) -> None:
+def write_layout_free(engine, param_names: Dict[int, str], topology, cfg, folder: Path, file_bytes: int = FILE_BYTES) -> None:
     """Called by every rank (the ZeRO gathers are collective); the data-parallel ranks of each (tp, pp) share the
     writing, parameter by parameter. A rank's buffer stays under 1/8 of the bytes it writes in all (weights and
     moments, fp32), so a save adds little to what training itself holds."""
@@ -88,7 +88,7 @@ def write_layout_free(engine, names: Dict[int, str], topology, cfg, folder: Path
 
     _relink_optimizer_state(engine)
     dp, dp_rank = topology.layout.dp, topology.dp_rank
-    owned = list(owned_parameters(engine, names))
+    owned = list(owned_parameters(engine, param_names))
     share = 12 * sum(int(getattr(p, "ds_numel", p.numel())) for _, p in owned) // dp
     file_bytes = min(file_bytes, max(MIN_FILE_BYTES, share // 8))
     prefix = f"tp{topology.tp_rank}_pp{topology.pp_rank}_dp{dp_rank}"

@@ -13,15 +13,15 @@ resuming (store.verify_checksums), the files of the layout-free weights when a t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional, Sequence
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import MANIFEST, checksum_problems, read_manifest, size_problems
 from gptdist.checkpoint.store import STATE_FILE, list_checkpoints, resume_candidates
 from gptdist.errors import UserError
 
 
 def looks_like_checkpoint(path: Path) -> bool:
-    return any((path / name).exists() for name in (mf.MANIFEST, STATE_FILE, "model"))
+    return any((path / name).exists() for name in (MANIFEST, STATE_FILE, "model"))
 
 
 def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -> List[Path]:
@@ -33,11 +33,11 @@ def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -
     if not path.is_dir():
         raise UserError(f"{where} is a file; name a run directory, its checkpoints/ folder or one step_* checkpoint")
     if looks_like_checkpoint(path):
-        manifest = mf.read_manifest(path)
+        manifest = read_manifest(path)
         if manifest is None:
-            raise UserError(f"{where}: incomplete checkpoint (no {mf.MANIFEST}: its save never finished); "
+            raise UserError(f"{where}: incomplete checkpoint (no {MANIFEST}: its save never finished); "
                             "name an earlier checkpoint or the run directory")
-        problems = mf.size_problems(path, manifest)
+        problems = size_problems(path, manifest)
         if problems:
             raise UserError(f"{where}: damaged checkpoint: {problems[0]}")
         return [path]
@@ -56,6 +56,25 @@ def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -
 
 def verify_for_reading(folder: Path, prefixes=("model/", STATE_FILE)) -> List[str]:
     """One process: the checksums of the files a reader of the layout-free weights opens."""
-    manifest = mf.read_manifest(folder) or {"files": {}}
+    manifest = read_manifest(folder) or {"files": {}}
     names = [n for n in manifest["files"] if n.startswith(prefixes)]
-    return mf.checksum_problems(folder, manifest, names)
+    return checksum_problems(folder, manifest, names)
+
+
+def first_verified(candidates: Sequence[Path], problems_of: Callable[[Path], List[str]],
+                   report: Callable[[str], None], named: Optional[Path] = None) -> Path:
+    """The newest candidate whose files match their checksums, saying why each newer one was passed over: the one
+    fallback loop of resume and of the tools. problems_of(folder): its checksum problems (a collective when every
+    rank of a job verifies its share). `named`: a checkpoint the user named itself, which must be intact (quietly
+    using an older one would resume or export something else than asked for). Raises UserError when none holds."""
+    problems: List[str] = []
+    for folder in candidates:
+        problems = problems_of(folder)
+        if not problems:
+            return folder
+        if named is not None and folder == named or len(candidates) == 1:
+            raise UserError(f"{folder}: damaged checkpoint: {problems[0]}")
+        report(f"checkpoint {folder} is corrupted ({problems[0]}); falling back to the previous one")
+    raise UserError(f"every complete checkpoint is corrupted (the oldest, {candidates[-1]}: {problems[0]}); "
+                    "name a good checkpoint with resume=PATH, or start anew in another run.dir")
+

@@ -9,14 +9,14 @@ process group exists; its checksums are verified by all ranks together once they
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 
 from gptdist.checkpoint.layout_free import MOMENTS, LayoutFreeReader
 from gptdist.checkpoint.locate import named_candidates
-from gptdist.checkpoint.store import (checkpoint_root, list_checkpoints, read_state, resume_candidates, set_rng_state,
-                                      verify_checksums)
+from gptdist.checkpoint.store import checkpoint_root, list_checkpoints, read_state, resume_candidates, set_rng_state
+from gptdist.engine.optim import base_optimizer, follow_config
 from gptdist.errors import UserError
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")
@@ -59,17 +59,6 @@ def check_compatible(cfg, state: Dict[str, Any], tokenizer_identity: str, folder
         )
 
 
-def choose_verified(candidates: List[Path], rank: int, world_size: int,
-                    report: Callable[[str], None]) -> Optional[Path]:
-    """Collective: the newest candidate whose every file matches its checksum."""
-    for folder in candidates:
-        problems = verify_checksums(folder, rank, world_size)
-        if not problems:
-            return folder
-        report(f"checkpoint {folder} is corrupted ({problems[0]}); falling back to the previous one")
-    return None
-
-
 def same_layout(state: Dict[str, Any], layout) -> bool:
     saved = state.get("layout")
     return bool(saved) and all(saved.get(k) == getattr(layout, k) for k in LAYOUT_KEYS)
@@ -85,15 +74,13 @@ def restore_same_layout(engine, folder: Path, rank: int, train_cfg) -> None:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"resume: DeepSpeed found no model files for this rank in {folder}")
-    from gptdist.engine.optim import follow_config
-
-    follow_config(_base_optimizer(engine), engine.lr_scheduler, train_cfg)
+    follow_config(base_optimizer(engine), engine.lr_scheduler, train_cfg)
     rng = folder / "rng" / f"rank{rank:05d}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
 
 
-def restore_moments(engine, names: Dict[int, str], reader: LayoutFreeReader, topology, step: int) -> None:
+def restore_moments(engine, param_names: Dict[int, str], reader: LayoutFreeReader, topology, step: int) -> None:
     """Another layout: the weights went into the model before DeepSpeed wrapped it; here the Adam moments, the
     optimizer step count and the learning-rate schedule follow."""
     from deepspeed.utils import safe_set_full_optimizer_state
@@ -102,7 +89,7 @@ def restore_moments(engine, names: Dict[int, str], reader: LayoutFreeReader, top
     tp = topology.layout.tp
     _create_adam_state(engine)
     for param in engine.module.parameters():
-        name = names[id(param)]
+        name = param_names[id(param)]
         for key in MOMENTS:
             if not reader.has(key, name):
                 continue
@@ -123,12 +110,6 @@ def restore_moments(engine, names: Dict[int, str], reader: LayoutFreeReader, top
     if scheduler is not None and step > 0:
         scheduler.last_epoch = step - 1
         scheduler.step()  # sets every group's lr for `step`
-
-
-def _base_optimizer(engine):
-    """The torch optimizer whose param groups DeepSpeed steps (ZeRO and the bf16 optimizer wrap it)."""
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", None) or opt
 
 
 def _step_tensor(optimizer, param: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import LATEST, checksum_problems, describe, list_files, read_manifest, size_problems, write_atomically, write_manifest
 from gptdist.checkpoint.layout_free import merge_index, write_layout_free
 
 STATE_FILE = "gptdist_state.json"
@@ -75,13 +75,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 @dataclass
 class SaveContext:
     engine: Any
-    names: Dict[int, str]  # id(parameter) -> canonical name
+    param_names: Dict[int, str]  # id(parameter) -> canonical name
     topology: Any
     cfg: Any
     run_dir: Path
     rank: int
     world_size: int
-    faults: Any = None  # gptdist.train.drills.Faults, for reliability drills
+    drills: Any = None  # gptdist.train.drills.FaultDrills, for reliability drills
 
 
 def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Optional[str]:
@@ -104,9 +104,9 @@ def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: in
     ctx.engine.save_checkpoint(str(root), tag=tag, client_state={"gptdist_step": step}, save_latest=False)
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / "rng" / f"rank{ctx.rank:05d}.pt")
-    write_layout_free(ctx.engine, ctx.names, ctx.topology, ctx.cfg, folder / "model")
-    if ctx.faults is not None:
-        ctx.faults.at("kill-during-save", step)
+    write_layout_free(ctx.engine, ctx.param_names, ctx.topology, ctx.cfg, folder / "model")
+    if ctx.drills is not None:
+        ctx.drills.kill_if_due("kill-during-save", step)
     dist.barrier()
     if ctx.rank == 0:
         merge_index(folder / "model", ctx.topology.layout.tp, ctx.topology.layout.pp)
@@ -114,7 +114,7 @@ def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: in
     dist.barrier()
     _write_manifest_together(ctx, folder, step)
     if ctx.rank == 0:
-        mf.write_atomically(root / mf.LATEST, tag + "\n")
+        write_atomically(root / LATEST, tag + "\n")
         prune(root, keep)
     dist.barrier()
     return None
@@ -130,10 +130,10 @@ def _storage_problem(root: Path, rank: int) -> Optional[str]:
         probe.unlink()
     except OSError as exc:
         return f"{root} is not writable ({exc.strerror or exc})"
-    newest = next((f for _, f in list_checkpoints(root) if mf.read_manifest(f) is not None), None)
+    newest = next((f for _, f in list_checkpoints(root) if read_manifest(f) is not None), None)
     if newest is None:
         return None
-    needed = sum(info["size"] for info in mf.read_manifest(newest)["files"].values())
+    needed = sum(info["size"] for info in read_manifest(newest)["files"].values())
     free = shutil.disk_usage(root).free
     if free < needed * 1.05:
         return f"{free / 1e6:.1f} MB free in {root}, about {needed / 1e6:.1f} MB needed"
@@ -143,30 +143,30 @@ def _storage_problem(root: Path, rank: int) -> Optional[str]:
 def _write_manifest_together(ctx: SaveContext, folder: Path, step: int) -> None:
     import torch.distributed as dist
 
-    files: List[Optional[List[str]]] = [mf.list_files(folder) if ctx.rank == 0 else None]
+    files: List[Optional[List[str]]] = [list_files(folder) if ctx.rank == 0 else None]
     dist.broadcast_object_list(files, src=0)
     names = files[0][ctx.rank :: ctx.world_size]
-    mine = mf.describe(folder, names)
+    mine = describe(folder, names)
     gathered: List[Optional[Dict]] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine)
     if ctx.rank == 0:
         merged: Dict[str, Dict] = {}
         for part in gathered:
             merged.update(part)
-        mf.write_manifest(folder, dict(sorted(merged.items())), step)
+        write_manifest(folder, dict(sorted(merged.items())), step)
 
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; drop older ones and interrupted saves older than those."""
     found = list_checkpoints(root)
-    complete = [(s, f) for s, f in found if mf.read_manifest(f) is not None]
+    complete = [(s, f) for s, f in found if read_manifest(f) is not None]
     kept = {f for _, f in complete[:keep]}
     oldest_kept = min((s for s, f in complete[:keep]), default=None)
     for step, folder in found:
         if folder in kept:
             continue
         older = oldest_kept is not None and step < oldest_kept
-        if older or mf.read_manifest(folder) is not None:
+        if older or read_manifest(folder) is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -190,11 +190,11 @@ def resume_candidates(root: Path, report: Callable[[str], None]) -> List[Path]:
     checksums are verified later by all ranks together (verify_checksums)."""
     out = []
     for _, folder in list_checkpoints(root):
-        manifest = mf.read_manifest(folder)
+        manifest = read_manifest(folder)
         if manifest is None:
             report(f"checkpoint {folder} is incomplete (no manifest: its save was interrupted); skipping it")
             continue
-        problems = mf.size_problems(folder, manifest)
+        problems = size_problems(folder, manifest)
         if problems:
             report(f"checkpoint {folder} is damaged ({problems[0]}); skipping it")
             continue
@@ -206,9 +206,9 @@ def verify_checksums(folder: Path, rank: int, world_size: int) -> List[str]:
     """Collective: every rank checks every world_size-th file; returns all problems found, on every rank."""
     import torch.distributed as dist
 
-    manifest = mf.read_manifest(folder)
+    manifest = read_manifest(folder)
     names = sorted(manifest["files"])[rank::world_size]
-    mine = mf.checksum_problems(folder, manifest, names)
+    mine = checksum_problems(folder, manifest, names)
     gathered: List[Optional[List[str]]] = [None] * world_size
     dist.all_gather_object(gathered, mine)
     return [p for part in gathered for p in part]

@@ -49,9 +49,9 @@ def _run_train(args: argparse.Namespace) -> int:
         if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
             return UserError.exit_code
         raise
-    from gptdist.engine.process import discover_place, finish_process, keep_mlflow_out
+    from gptdist.engine.process import discover_world, finish_process, keep_mlflow_out
 
-    if not (cfg.tracking.enabled and discover_place().is_main):
+    if not (cfg.tracking.enabled and discover_world().is_main):
         keep_mlflow_out()
     from gptdist.train.loop import train
 

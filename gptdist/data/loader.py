@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest
 from gptdist.data.config import DataConfig
 from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
-from gptdist.data.producers import ProcessProducers, ProducerStats, Sharing, ThreadProducer, open_cache
+from gptdist.data.producers import ProcessProducers, ProducerStats, ProducerGroup, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
 from gptdist.data.stream import BlockMaker, Indexes
 from gptdist.data.token_cache import block_record
@@ -83,9 +83,9 @@ def build_train_loader(
     dp_size: int,
     seed: int,
     state: Optional[Dict[str, Any]] = None,
-    sharing: Optional[Sharing] = None,
+    producers: Optional[ProducerGroup] = None,
 ) -> "TrainLoader":
-    """This data-parallel rank's loader. `sharing` says which producing rank this is, of how many, and the cache
+    """This data-parallel rank's loader. `producers` says which producing rank this is, of how many, and the cache
     folder they share (default: this rank alone, in memory)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -94,7 +94,7 @@ def build_train_loader(
     plan, _ = make_plan(cfg, seed)
     start = parse_state(state, plan, seq_len)
     return TrainLoader(plan, start, seq_len, micro_batch_size, dp_rank, dp_size, cfg.workers, cfg.prefetch,
-                       sharing or Sharing())
+                       producers or ProducerGroup())
 
 
 @dataclass
@@ -123,7 +123,7 @@ class TrainLoader:
 
     def __init__(
         self, plan: DataPlan, start: Start, seq_len: int, micro_batch_size: int,
-        dp_rank: int, dp_size: int, workers: int, prefetch: int, sharing: Sharing = Sharing(),
+        dp_rank: int, dp_size: int, workers: int, prefetch: int, producers: ProducerGroup = ProducerGroup(),
     ) -> None:
         self.plan = plan
         self.seq_len = seq_len
@@ -132,7 +132,7 @@ class TrainLoader:
         self.start_state = make_state(plan, seq_len, start.sample, start.block, start.offset, start.cursors or [])
         self._bad = _BadFileLog()
         self._error: Optional[BaseException] = None
-        self._producer = _Producer(self, start, workers, prefetch, sharing)
+        self._producer = _Producer(self, start, workers, prefetch, producers)
         # Runs on close(), garbage collection or interpreter exit, whichever comes first: no hang at exit.
         self._finalizer = weakref.finalize(self, self._producer.close)
 
@@ -239,13 +239,13 @@ class BlockReader:
 class _Producer:
     """The background side: holds no reference to the TrainLoader, so an unclosed loader can still be collected."""
 
-    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int, sharing: Sharing) -> None:
+    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int, producers: ProducerGroup) -> None:
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.workers = workers
         self._tmp = None
         bad, plan = loader._bad, loader.plan
-        cache_dir = sharing.cache_dir
+        cache_dir = producers.cache_dir
         if cache_dir is None and workers > 0:
             # Worker processes need a folder to hand blocks over: a private one, removed at close.
             import tempfile
@@ -253,8 +253,8 @@ class _Producer:
             self._tmp = tempfile.TemporaryDirectory(prefix="gptdist-blocks-")
             cache_dir = self._tmp.name
         cache = open_cache(plan, cache_dir)
-        total = sharing.ranks * max(1, workers)
-        first = sharing.global_worker(0, workers)
+        total = producers.ranks * max(1, workers)
+        first = producers.global_worker(0, workers)
         lookahead = total + 1  # one block ahead per worker (module docstring of producers.py)
         cursors = start.cursors or plan.initial_cursors()
         if workers > 0:

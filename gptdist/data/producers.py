@@ -31,7 +31,7 @@ log = logging.getLogger("gptdist.data")
 
 
 @dataclass(frozen=True)
-class Sharing:
+class ProducerGroup:
     """Who shares the tokenizing work: this rank's index among the producing ranks, how many there are, and the
     cache folder they share (None: this rank alone, in memory)."""
 

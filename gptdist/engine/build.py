@@ -6,7 +6,6 @@ The order follows torchtitan's: plain model (on the meta device when it will be 
 
 from __future__ import annotations
 
-import logging
 from typing import Dict, Tuple
 
 import torch
@@ -16,13 +15,6 @@ from gptdist.model import GPT
 from gptdist.parallel.layout import Layout
 from gptdist.engine.ds_config import build_ds_config
 from gptdist.engine.optim import build_optimizer, build_scheduler
-
-
-def quiet_deepspeed(is_main: bool) -> None:
-    """DeepSpeed logs its set-up at INFO from every rank; keep rank 0's warnings and silence the rest."""
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
 def value_source(cfg: RunConfig, weights=None):
@@ -52,26 +44,28 @@ def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, 
         check_tp_divisibility(cfg.model, layout.tp)
         shard_structure(model, group)
     dtype = partition.dtype if partition is not None else None
-    names = materialize(model, value_source(cfg, weights), device=device, tp_rank=tp_rank(group),
+    param_names = materialize(model, value_source(cfg, weights), device=device, tp_rank=tp_rank(group),
                         tp_size=tp_size(group), dtype=dtype, after=partition)
-    return model, names
+    return model, param_names
 
 
-def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type: str, precision: str, weights=None,
-                          faults=None):
-    """The DeepSpeed engine over this rank's part of the model, the step function that drives it (PlainStep for
-    pp = 1, PipelineStep for pp > 1), and each parameter's canonical name by id (pipeline stages rename them)."""
+def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
+    """The DeepSpeed engine over this rank's part of the model (rank: a started engine.process.Rank), the step
+    function that drives it (PlainStep for pp = 1, PipelineStep for pp > 1), and each parameter's canonical name by
+    id (pipeline stages rename them). `weights`: a checkpoint's layout-free reader, whose values the parameters take
+    instead of the initial ones."""
     import deepspeed
 
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
-    from gptdist.parallel.pipeline import PieceBuilder, build_pipeline, cross_entropy_loss, stage_parameter_names
+    from gptdist.parallel.pipeline import StageLayers, build_pipeline, cross_entropy_loss, stage_parameter_names
     from gptdist.engine.steps import PipelineStep, PlainStep
 
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    layout, topology, precision, device_type = rank.layout, rank.topology, rank.precision, rank.device_type
+    device = rank.device
     ds_config = build_ds_config(cfg, layout, precision)
     if layout.pp > 1:
         group = topology.tp_group if layout.tp > 1 else None
-        build = PieceBuilder(cfg.model, group, device, value_source(cfg, weights))
+        build = StageLayers(cfg.model, group, device, value_source(cfg, weights))
         if layout.tp > 1:
             from gptdist.parallel.tp.head import VocabParallelLMHead
             from gptdist.parallel.tp.plan import check_tp_divisibility
@@ -82,7 +76,7 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
         else:
             loss_fn = cross_entropy_loss
         module = build_pipeline(build, topology.topo, loss_fn, cfg.parallel.activation_checkpointing)
-        names = stage_parameter_names(module)
+        param_names = stage_parameter_names(module)
         mpu = None  # the pipeline engine builds its own grid from the topology and refuses an mpu
     else:
         partition = None
@@ -91,7 +85,7 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
 
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             partition = Zero3Partitioner(ds_config, topology.dp_group, topology, dtype)
-        module, names = build_model(cfg, layout, topology, device, weights, partition)
+        module, param_names = build_model(cfg, layout, topology, device, weights, partition)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(module)
         mpu = topology
@@ -104,8 +98,8 @@ def build_training_engine(cfg: RunConfig, layout: Layout, topology, device_type:
         dist_init_required=False,
     )
     _clip_with_layout_aware_norm(engine, topology, pipeline=layout.pp > 1)
-    step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum, faults)
-    return engine, step_fn, names
+    step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum, drills)
+    return engine, step_fn, param_names
 
 
 def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:

@@ -12,6 +12,10 @@ from gptdist.model.config import GPTConfig
 from gptdist.parallel.layout import Layout
 
 
+# DeepSpeed's comms logger, for profile.comms (telemetry/profiling.py reads what it recorded).
+COMMS_LOGGER = {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False}}
+
+
 def resolve_precision(cfg: RunConfig, device_type: str) -> str:
     wanted = cfg.train.precision
     if wanted == "auto":
@@ -45,11 +49,10 @@ def build_ds_config(cfg: RunConfig, layout: Layout, precision: str) -> Dict[str,
         # DeepSpeed's default all-reduce of every bucket (3Ψ): fewer bytes at the same speed (docs/performance.md).
         ds["zero_optimization"]["use_multi_rank_bucket_allreduce"] = False
     if cfg.profile.comms:
-        from gptdist.telemetry.profiling import COMMS_LOGGER
-
         ds.update(COMMS_LOGGER)
     if cfg.train.deepspeed_config:
-        ds = _merge(ds, _read_user_config(cfg.train.deepspeed_config))
+        path = cfg.train.deepspeed_config
+        ds = _merge(ds, read_deepspeed_json(path, f"config error: train.deepspeed_config={path!r}"))
     return ds
 
 
@@ -85,16 +88,24 @@ def zero_buffers(model: GPTConfig, tp: int) -> Dict[str, Any]:
     }
 
 
-def _read_user_config(path: str) -> Dict[str, Any]:
+def read_deepspeed_json(path: str, source: str) -> Dict[str, Any]:
+    """A user's DeepSpeed JSON (train.deepspeed_config, or accelerate's deepspeed_config_file), checked: a JSON object
+    without "optimizer" or "scheduler" sections, which would contradict the AdamW and schedule gptdist builds.
+    `source`: how the user named the file, for messages."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"config error: train.deepspeed_config={path!r}: no such file")
+        raise UserError(f"{source}: no such file")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config error: train.deepspeed_config={path!r} is not valid JSON: {exc}") from None
+        raise UserError(f"{source}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config error: train.deepspeed_config={path!r} must hold a JSON object")
+        raise UserError(f"{source}: must hold a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in data:
+            raise UserError(f"{source}: has an \"{section}\" section, but gptdist builds AdamW and its learning-rate "
+                            "schedule itself (train.lr, train.min_lr, train.warmup_steps, train.beta1/beta2, "
+                            "train.weight_decay); remove the section")
     return data
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -89,14 +89,16 @@ def follow_config(optimizer: torch.optim.Optimizer, scheduler, train: TrainConfi
     scheduler._last_lr = lrs
 
 
-def config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
-    """'key: old -> new' for every value that differs between two resolved configs (as dicts)."""
-    out: List[str] = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
+def base_optimizer(engine) -> Optional[torch.optim.Optimizer]:
+    """The torch optimizer that does the update, below DeepSpeed's wrappers (ZeRO, bf16)."""
+    opt = getattr(engine, "optimizer", None)
+    seen = set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, torch.optim.Optimizer) and not isinstance(inner, torch.optim.Optimizer):
+            return opt
+        if inner is None:
+            return opt if isinstance(opt, torch.optim.Optimizer) else None
+        opt = inner
+    return None

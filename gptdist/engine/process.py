@@ -7,19 +7,26 @@ process started alone (`gptdist train cfg.yaml` in a shell) becomes a world of o
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gptdist.parallel.layout import Layout
+from gptdist.parallel.topology import Topology
+
 
 @dataclass(frozen=True)
-class ProcessPlace:
+class World:
+    """This process's rank in the job, the job's size, and the same on this node."""
+
     rank: int
-    world_size: int
+    size: int
     local_rank: int
-    local_world_size: int
+    local_size: int
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +39,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def discover_place() -> ProcessPlace:
+def discover_world() -> World:
     """Read (and where missing, fill in) the torch.distributed environment variables."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
@@ -49,7 +56,7 @@ def discover_place() -> ProcessPlace:
     world = int(env["WORLD_SIZE"])
     # The deepspeed launcher exports LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE; a single node otherwise.
     local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
-    return ProcessPlace(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")), local_world)
+    return World(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")), local_world)
 
 
 def keep_mlflow_out() -> None:
@@ -59,7 +66,7 @@ def keep_mlflow_out() -> None:
     sys.modules.setdefault("mlflow", None)  # type: ignore[arg-type]  # None in sys.modules: ImportError
 
 
-def prepare_process(place: ProcessPlace) -> str:
+def prepare_process(world: World) -> str:
     """Choose the accelerator and share the CPU fairly, before torch's thread pools and DeepSpeed start.
 
     Returns the device type, 'cuda' or 'cpu'.
@@ -69,7 +76,7 @@ def prepare_process(place: ProcessPlace) -> str:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device_type)
     if device_type == "cuda":
-        torch.cuda.set_device(place.local_rank)
+        torch.cuda.set_device(world.local_rank)
         # TF32 tensor cores for whatever runs in fp32 (bf16 autocast covers the rest): ~8x the fp32 matmul rate on
         # A100/H100 with a 10-bit mantissa, which pre-training tolerates.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -77,12 +84,63 @@ def prepare_process(place: ProcessPlace) -> str:
     elif "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one node with default threads oversubscribe the cores badly (10x slower seen at
         # 8 ranks on 2 cores): give each rank its share.
-        share = max(1, (os.cpu_count() or 1) // max(1, place.local_world_size))
+        share = max(1, (os.cpu_count() or 1) // max(1, world.local_size))
         torch.set_num_threads(share)
-    if place.local_world_size > 1:
+    if world.local_size > 1:
         # Each rank tokenizes its own stream; Rust thread pools per rank would fight over the same cores.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return device_type
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A started rank: its place in the job and in the layout's grid, its device and its training precision."""
+
+    world: World
+    device_type: str  # "cuda" | "cpu"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    topology: Topology
+
+    @property
+    def layout(self) -> Layout:
+        return self.topology.layout
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")
+
+
+def start_rank(cfg, world: World, layout: Layout, timeout_s: float = 600) -> Rank:
+    """Everything a rank does before it builds its model, in this order: the device and its threads (before torch's
+    pools and DeepSpeed start), the precision, quiet logs on ranks other than 0, the process group, the topology's
+    groups. `gptdist train` and `gptdist bench train` both start here."""
+    from gptdist.engine.ds_config import resolve_precision
+
+    device_type = prepare_process(world)
+    precision = resolve_precision(cfg, device_type)
+    quiet_warnings(world.is_main)
+    init_process_group(device_type, timeout_s=timeout_s)
+    quiet_deepspeed(world.is_main)
+    return Rank(world, device_type, precision, Topology(layout, world.rank))
+
+
+def quiet_warnings(is_main: bool) -> None:
+    if not is_main:
+        warnings.filterwarnings("ignore")
+    # torch.distributed's deprecation notices are about DeepSpeed's calls, not anything a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # The pipeline engine passes activations between stages with broadcasts inside autograd; torch warns that
+    # broadcast has no autograd kernel, but DeepSpeed sends the gradients back itself.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
+
+
+def quiet_deepspeed(is_main: bool) -> None:
+    """DeepSpeed logs its set-up at INFO from every rank; keep rank 0's warnings and silence the rest."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
 def init_process_group(device_type: str, timeout_s: float) -> None:

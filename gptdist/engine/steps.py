@@ -6,21 +6,9 @@ schedule inside `train_batch`. Both return the step's loss as a tensor, without 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from typing import Iterator
 
 import torch
-
-
-class DataPosition:
-    """The loader state after the newest micro-batch this rank consumed (what a checkpoint must resume from)."""
-
-    def __init__(self, state: Dict[str, Any]) -> None:
-        self.state = state
-
-    def track(self, batches: Iterator, device: torch.device) -> Iterator:
-        for batch in batches:
-            self.state = batch.state
-            yield batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
 
 
 class PlainStep:
@@ -31,15 +19,15 @@ class PlainStep:
 
     needs_dp_mean = True
 
-    def __init__(self, engine, grad_accum: int, faults=None):
-        self.engine, self.grad_accum, self.faults = engine, grad_accum, faults
+    def __init__(self, engine, grad_accum: int, drills=None):
+        self.engine, self.grad_accum, self.drills = engine, grad_accum, drills
 
     def __call__(self, batches: Iterator, step: int) -> torch.Tensor:
         total = torch.zeros((), device=self.engine.device)
         for _ in range(self.grad_accum):
             inputs, targets = next(batches)
             loss = self.engine(inputs, targets)
-            if self.faults is not None and self.faults.due("nan-loss", step):
+            if self.drills is not None and self.drills.due("nan-loss", step):
                 loss = loss * float("nan")  # a drill: what an overflow or a poisoned batch does to the step
             self.engine.backward(loss)
             self.engine.step()

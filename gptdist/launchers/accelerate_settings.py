@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from gptdist.config import RunConfig, load_config
+from gptdist.engine.ds_config import read_deepspeed_json
 from gptdist.errors import UserError
 
 # Checked against the resolved layout instead of set: values gptdist derives from the batch sizes and world size.
@@ -111,20 +112,7 @@ def settings_from_accelerate(values: Mapping[str, Any], describe: Describe,
 def settings_from_deepspeed_file(path: str, source: str) -> List[Setting]:
     """The keys of an accelerate-style DeepSpeed JSON that gptdist sets itself. "auto" (accelerate's "fill this in
     from the script") leaves a value to gptdist."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{source}: no such file")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{source}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: must hold a JSON object")
-    for section in ("optimizer", "scheduler"):
-        if section in data:
-            raise UserError(f"{source}: has an \"{section}\" section, but gptdist builds AdamW and its learning-rate "
-                            "schedule itself (train.lr, train.min_lr, train.warmup_steps, train.beta1/beta2, "
-                            "train.weight_decay); remove the section")
+    data = read_deepspeed_json(path, source)
 
     out: List[Setting] = []
 

@@ -20,10 +20,15 @@ class Layout:
     zero_stage: int
     micro_batch_size: int
     grad_accum: int  # micro-batches per rank per optimizer step (the pipeline's micro-batch count when pp > 1)
+    activation_checkpointing: bool = False
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def key(self) -> tuple:
+        """What tells two candidate layouts apart in `gptdist plan` (the batch size is shared by all of them)."""
+        return (self.tp, self.pp, self.dp, self.zero_stage, self.micro_batch_size, self.activation_checkpointing)
 
     @property
     def global_batch_size(self) -> int:
@@ -73,4 +78,5 @@ class Layout:
                 f"layout error: train.global_batch_size={global_batch} is not a multiple of "
                 f"train.micro_batch_size*dp = {train.micro_batch_size}*{dp} = {per_step}"
             )
-        return cls(par.tp, par.pp, dp, par.zero_stage, train.micro_batch_size, global_batch // per_step)
+        return cls(par.tp, par.pp, dp, par.zero_stage, train.micro_batch_size, global_batch // per_step,
+                   par.activation_checkpointing)

@@ -39,7 +39,7 @@ TIED_KEY = "wte"
 
 
 @dataclass
-class PieceBuilder:
+class StageLayers:
     """What every stage layer needs to build its piece: the model shape, the tensor-parallel group, the device and
     where the values come from. One object, shared by the layer specs (DeepSpeed passes it to the layers it builds)."""
 
@@ -69,7 +69,7 @@ class PieceBuilder:
 class TokenEmbeddingLayer(nn.Module):
     """First stage: token ids -> token embeddings (scaled when the model asks for it)."""
 
-    def __init__(self, build: PieceBuilder):
+    def __init__(self, build: StageLayers):
         super().__init__()
         self.wte = build.token_embedding()
         # As Embeddings does: sqrt(d_model) when the model scales token vectors (Vaswani et al.).
@@ -88,7 +88,7 @@ class TiedHeadLayer(nn.Module):
     A module rather than a forward_fn on the tied spec: DeepSpeed saves and loads a pipeline layer's weights only
     when the layer is a module, and the last stage's copy of the embedding must be checkpointed like any other."""
 
-    def __init__(self, build: PieceBuilder):
+    def __init__(self, build: StageLayers):
         super().__init__()
         self.wte = build.token_embedding()
         if build.tensor_parallel:
@@ -107,7 +107,7 @@ class TiedHeadLayer(nn.Module):
 class PositionLayer(nn.Module):
     """Adds position information to the token embeddings (learned table or sinusoids), then dropout."""
 
-    def __init__(self, build: PieceBuilder):
+    def __init__(self, build: StageLayers):
         super().__init__()
         embed = Embeddings(build.cfg, device="meta")
         del embed.wte  # the token table is the tied layer's
@@ -123,7 +123,7 @@ class PositionLayer(nn.Module):
 
 
 class BlockLayer(nn.Module):
-    def __init__(self, build: PieceBuilder, index: int):
+    def __init__(self, build: StageLayers, index: int):
         super().__init__()
         block = Block(build.cfg, device="meta")
         if build.tensor_parallel:
@@ -137,7 +137,7 @@ class BlockLayer(nn.Module):
 
 
 class FinalNormLayer(nn.Module):
-    def __init__(self, build: PieceBuilder):
+    def __init__(self, build: StageLayers):
         super().__init__()
         cfg = build.cfg
         ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device="meta")
@@ -147,7 +147,7 @@ class FinalNormLayer(nn.Module):
         return self.ln_f(hidden)
 
 
-def build_pipeline(build: PieceBuilder, topology, loss_fn, activation_checkpointing: bool):
+def build_pipeline(build: StageLayers, topology, loss_fn, activation_checkpointing: bool):
     """A PipelineModule for the given DeepSpeed topology; only this rank's stage is constructed."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 

@@ -38,27 +38,10 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from gptdist.model.config import GPTConfig
+from gptdist.parallel.layout import Layout
 from gptdist.plan.shapes import RankParams
 
 FP32 = 4
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-    zero_stage: int
-    micro_batch_size: int
-    grad_accum: int
-    activation_checkpointing: bool = False
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def key(self) -> tuple:
-        return (self.tp, self.pp, self.dp, self.zero_stage, self.micro_batch_size, self.activation_checkpointing)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 from gptdist.model.config import GPTConfig
 from gptdist.plan.hardware import Hardware
-from gptdist.plan.memory_model import Layout, RankMemory, chunk_rows_for, predict_rank
+from gptdist.parallel.layout import Layout
+from gptdist.plan.memory_model import RankMemory, chunk_rows_for, predict_rank
 from gptdist.plan.shapes import rank_params
 from gptdist.plan.timing import StepTime, step_time
 from gptdist.engine.ds_config import zero_buffers
@@ -60,7 +61,7 @@ class Plan:
 
     @property
     def mfu(self) -> float:
-        world = self.layout.world
+        world = self.layout.world_size
         return self.flops_per_step / self.time.total / (world * self.hardware.peak_flops)
 
     def to_json(self) -> dict:

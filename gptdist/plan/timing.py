@@ -32,7 +32,7 @@ from typing import Dict, List
 
 from gptdist.model.config import GPTConfig
 from gptdist.plan.hardware import Hardware
-from gptdist.plan.memory_model import Layout
+from gptdist.parallel.layout import Layout
 from gptdist.plan.shapes import RankParams
 from gptdist.engine.ds_config import block_numel
 

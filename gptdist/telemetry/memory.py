@@ -29,27 +29,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from gptdist.engine.optim import base_optimizer
 from gptdist.telemetry.live_bytes import LiveBytes, build_problem
 
 KINDS = ("params", "grads", "master", "optimizer", "buffers")
 
 
 # ---------------------------------------------------------------------------------------------- the model states
-
-
-def base_optimizer(engine) -> Optional[torch.optim.Optimizer]:
-    """The torch optimizer that does the update, below DeepSpeed's wrappers (ZeRO, bf16)."""
-    opt = getattr(engine, "optimizer", None)
-    seen = set()
-    while opt is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(opt, torch.optim.Optimizer) and not isinstance(inner, torch.optim.Optimizer):
-            return opt
-        if inner is None:
-            return opt if isinstance(opt, torch.optim.Optimizer) else None
-        opt = inner
-    return None
 
 
 class _Inventory:
@@ -177,21 +163,23 @@ class MemoryReport:
     """One rank's memory report. Call start() before the model is built, watch(engine) once it is, after_step()
     after every optimizer step, and finish() at the end."""
 
-    def __init__(self, enabled: bool, step: int, run_dir: Path, place, topology, device_type: str,
-                 layout: Dict[str, Any]) -> None:
+    def __init__(self, enabled: bool, step: int, run_dir: Path, rank, layout: Dict[str, Any]) -> None:
+        """rank: the started engine.process.Rank; layout: the layout as a checkpoint records it."""
+        topology = rank.topology
         self.enabled, self.step = enabled, step
         self.folder = run_dir / "memory"
-        self.rank = place.rank
-        self.device_type = device_type
+        self.rank = rank.world.rank
+        self.device_type = rank.device_type
         self.record: Dict[str, Any] = {
-            "rank": place.rank, "tp_rank": topology.tp_rank, "pp_rank": topology.pp_rank,
-            "dp_rank": topology.dp_rank, "device": device_type, "layout": layout, "memory_step": step,
+            "rank": self.rank, "tp_rank": topology.tp_rank, "pp_rank": topology.pp_rank,
+            "dp_rank": topology.dp_rank, "device": self.device_type, "layout": layout, "memory_step": step,
             "snapshots": {},
         }
         self._tracker: Optional[PhaseTracker] = None
         self._engine = None
         self._hooks: list = []
         self._pending: Optional[Dict[str, Dict[str, int]]] = None
+        self._steps_done = 0  # optimizer steps this process has finished
 
     def start(self) -> None:
         if not self.enabled:
@@ -210,12 +198,11 @@ class MemoryReport:
         self._snapshot("engine_built")
         base = base_optimizer(engine)
         if base is not None:
-            first = engine.global_steps + self.step - 1  # the engine's step count when step N's update starts
-
             def before_update(optimizer, args, kwargs) -> None:
                 # DeepSpeed's ZeRO calls the optimizer once per parameter group: the first call of step N is the
-                # moment gradients and optimizer state all exist: what "model states" means.
-                if self._pending is None and engine.global_steps == first:
+                # moment gradients and optimizer state all exist: what "model states" means. Steps are counted
+                # by after_step, not by the engine, whose count a resume sets after this hook exists.
+                if self._pending is None and self._steps_done == self.step - 1:
                     self._pending = model_state_bytes(engine)
                     marked = self._mark("optimizer_step")
                     if marked is not None:
@@ -251,6 +238,7 @@ class MemoryReport:
     def after_step(self, step: int, global_step: int, log=None, tracker=None) -> None:
         """`step`: optimizer steps done by this process (a resumed run counts from its start), `global_step`: the
         run's step number."""
+        self._steps_done = step
         if not self.enabled or step != self.step:
             return
         self.record["global_step"] = global_step

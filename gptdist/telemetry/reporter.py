@@ -17,23 +17,6 @@ import torch
 from gptdist.telemetry.peak import mfu as model_flops_utilization
 
 
-class RankZeroLog:
-    def __init__(self, is_main: bool):
-        self.is_main = is_main
-
-    def info(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        if self.is_main:
-            print(f"gptdist | warning: {message}", file=sys.stderr, flush=True)
-
-    def error(self, message: str) -> None:
-        if self.is_main:
-            print(f"gptdist | error: {message}", file=sys.stderr, flush=True)
-
-
 def progress_bar(is_main: bool, start: int, total: int):
     from tqdm.auto import tqdm
 

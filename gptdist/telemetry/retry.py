@@ -1,7 +1,7 @@
 """MLflow calls that never stop training: what the server does not take now is kept and sent when it answers.
 
 A tracking server restarted, a network blip, a database briefly locked: rank 0 must train on. Every call to the
-server goes through `Resilient`. A failed call keeps its metrics (and artifacts) in memory, warns once, and the
+server goes through `RetryingSender`. A failed call keeps its metrics (and artifacts) in memory, warns once, and the
 next attempt waits 2, 4, 8 ... up to 60 s (training steps in between do not wait at all); the first call that goes
 through again sends everything missed, in order. metrics.jsonl holds every point meanwhile. At the end of the run
 `drain` keeps trying for `flush_timeout_s` before it gives up with one warning.
@@ -25,7 +25,7 @@ def fail_fast_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
-class Resilient:
+class RetryingSender:
     def __init__(self, client, run_id: str, uri: str, warn: Callable[[str], None],
                  on_recovery: Optional[Callable[[], None]] = None, clock=time.monotonic, sleep=time.sleep):
         self.client, self.run_id, self.uri, self.warn = client, run_id, uri, warn

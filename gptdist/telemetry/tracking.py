@@ -67,15 +67,15 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    """One MLflow run, written through `Resilient` (tracking_retry.py), with MLflow's system metrics (CPU, memory,
+    """One MLflow run, written through `RetryingSender` (retry.py), with MLflow's system metrics (CPU, memory,
     disk, network and, where there are GPUs, their utilization and memory) sampled from rank 0's node."""
 
     def __init__(self, cfg: TrackingConfig, uri: str, client, run_id: str, resumed: bool, warn) -> None:
-        from gptdist.telemetry.retry import Resilient
+        from gptdist.telemetry.retry import RetryingSender
 
         self.cfg, self.uri, self.client, self.run_id = cfg, uri, client, run_id
         self.monitor = None
-        self.resilient = Resilient(client, run_id, uri, warn, on_recovery=self._start_system_metrics)
+        self.sender = RetryingSender(client, run_id, uri, warn, on_recovery=self._start_system_metrics)
         self._start_system_metrics(resume=resumed)
 
     def _start_system_metrics(self, resume: bool = True) -> None:
@@ -105,10 +105,10 @@ class MlflowTracker(NullTracker):
                     continue
                 if isinstance(value, (int, float)):  # bools too: `skipped` becomes 0/1
                     metrics.append(Metric(key, float(value), now, step))
-        self.resilient.add_metrics(metrics)
+        self.sender.add_metrics(metrics)
 
     def log_artifact(self, path: Path) -> None:
-        self.resilient.add_artifact(path)
+        self.sender.add_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
@@ -116,8 +116,8 @@ class MlflowTracker(NullTracker):
                 self.monitor.finish()
             except Exception:  # noqa: BLE001
                 pass
-        self.resilient.drain(self.cfg.flush_timeout_s)
-        self.resilient.call(lambda: self.client.set_terminated(self.run_id, status=status))
+        self.sender.drain(self.cfg.flush_timeout_s)
+        self.sender.call(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def _client(uri: str):

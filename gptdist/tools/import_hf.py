@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from gptdist.checkpoint import manifest as mf
+from gptdist.checkpoint.manifest import LATEST, describe, list_files, write_atomically, write_manifest
 from gptdist.checkpoint.store import STATE_FILE, checkpoint_root, list_checkpoints, tag_for
 from gptdist.errors import UserError
 
@@ -173,8 +173,8 @@ def import_hf(hf_dir: Path, out: Path, recipe: Optional[str] = None, overrides: 
         "imported_from": str(hf_dir.resolve()),
     }
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    mf.write_manifest(folder, mf.describe(folder, mf.list_files(folder)), 0)  # last: the checkpoint is complete
-    mf.write_atomically(folder.parent / mf.LATEST, folder.name + "\n")
+    write_manifest(folder, describe(folder, list_files(folder)), 0)  # last: the checkpoint is complete
+    write_atomically(folder.parent / LATEST, folder.name + "\n")
     return folder
 
 

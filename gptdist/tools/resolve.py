@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from gptdist.checkpoint.locate import named_candidates, verify_for_reading
+from gptdist.checkpoint.locate import first_verified, named_candidates, verify_for_reading
 from gptdist.checkpoint.store import STATE_FILE, read_state
 from gptdist.errors import UserError
 
@@ -28,15 +28,7 @@ def find_checkpoint(path: Path) -> Path:
     what is wrong otherwise. A run directory falls back to its previous checkpoint past a corrupted one, as a
     resume does; a checkpoint named directly must be intact."""
     candidates = named_candidates(path, _warn)
-    for folder in candidates:
-        problems = verify_for_reading(folder)
-        if not problems:
-            break
-        if len(candidates) == 1 or folder == path:
-            raise UserError(f"{folder}: damaged checkpoint: {problems[0]}")
-        _warn(f"checkpoint {folder} is corrupted ({problems[0]}); falling back to the previous one")
-    else:
-        raise UserError(f"{path}: every complete checkpoint there is corrupted (the oldest: {problems[0]})")
+    folder = first_verified(candidates, verify_for_reading, _warn, named=path)
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"{folder}: no {STATE_FILE}; this is not a checkpoint gptdist wrote")
     if not (folder / INDEX).is_file():

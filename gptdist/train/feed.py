@@ -1,4 +1,4 @@
-"""Which ranks share the tokenizing work, and where their token cache is; each rank's data report.
+"""This rank's batches: the streaming loader, the data position a checkpoint resumes from, and the data report.
 
 The producing ranks are those that read batches: on every data-parallel replica the first and the last pipeline
 stage, with all their tensor-parallel ranks (the middle stages read nothing). With data.cache_scope=job (the default)
@@ -12,44 +12,60 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
-from gptdist.data.producers import Sharing
+from gptdist.data.loader import build_train_loader
+from gptdist.data.producers import ProducerGroup
 from gptdist.data.token_cache import cache_folder, node_folder
 
 
-def data_sharing(cfg, topology, place, run_dir: Path) -> Sharing:
+def producer_group(cfg, rank, run_dir: Path) -> ProducerGroup:
+    """Which producing rank this is, of how many, and the token cache they share (rank: engine.process.Rank)."""
     folder = cache_folder(cfg.data, run_dir)
     if folder is None:
-        return Sharing()
+        return ProducerGroup()
+    world, topology = rank.world, rank.topology
     if cfg.data.cache_scope == "node":
-        first = place.rank - place.local_rank  # launchers number a node's ranks contiguously
-        candidates = range(first, first + place.local_world_size)
+        first = world.rank - world.local_rank  # launchers number a node's ranks contiguously
+        candidates = range(first, first + world.local_size)
         folder = node_folder(folder)
     else:
-        candidates = range(place.world_size)
+        candidates = range(world.size)
     producers = [r for r in candidates if topology.reads_data(r)]
-    return Sharing(producers.index(place.rank), len(producers), str(folder))
+    return ProducerGroup(producers.index(world.rank), len(producers), str(folder))
 
 
-class DataReport:
-    """The loader, plus RUN_DIR/data/rank_<r>.json on close: what this rank tokenized, read and reused."""
+class DataFeed:
+    """The batches this rank trains on, moved to its device, and where in the stream it stands.
 
-    def __init__(self, loader, run_dir: Path, rank: int) -> None:
-        self._loader, self._run_dir, self._rank = loader, run_dir, rank
-        self.blocks_consumed = 0
+    Ranks that read no data (the middle pipeline stages) have no loader; their `batches` is None. The position is
+    the loader state after the newest micro-batch consumed: what a checkpoint records and a resume starts from."""
 
-    def __iter__(self):
-        return iter(self._loader)
+    def __init__(self, cfg, rank, run_dir: Path, state: Optional[Dict[str, Any]]) -> None:
+        self.position: Dict[str, Any] = state or {}
+        self._run_dir, self._rank = run_dir, rank.world.rank
+        self._loader = None
+        self.batches: Optional[Iterator] = None
+        if rank.topology.needs_data:
+            layout = rank.layout
+            self._loader = build_train_loader(
+                cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
+                dp_rank=rank.topology.dp_rank, dp_size=layout.dp, seed=cfg.train.seed, state=self.position,
+                producers=producer_group(cfg, rank, run_dir))
+            self.batches = self._on_device(iter(self._loader), rank.device)
 
-    def __next__(self):
-        return next(self._loader)
+    def _on_device(self, batches: Iterator, device) -> Iterator:
+        for batch in batches:
+            self.position = batch.state
+            yield batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
 
-    @property
-    def stats(self) -> Dict[str, Any]:
-        return self._loader.stats
+    def checkpoint_state(self) -> Dict[str, Any]:
+        return {"data_state": self.position}
 
     def close(self) -> None:
+        """Stop the loader's workers and write RUN_DIR/data/rank_<r>.json: what this rank tokenized, read, reused."""
+        if self._loader is None:
+            return
         self._loader.close()
         stats = dict(self._loader.stats)  # after close: a block being written at the time is in it
         folder = self._run_dir / "data"

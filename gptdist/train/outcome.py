@@ -6,16 +6,16 @@
     bad steps   train.max_bad_steps non-finite losses in a row: nothing saved (the newest checkpoint is the last
                 good one), FAILED, exit 3
 
-Every rank runs it: the loader's workers, the memory report and the profiler close on every rank; rank 0 closes
-metrics.jsonl, writes the completion record and ends the MLflow run; all ranks leave together.
+Every rank runs the teardown: the loader's workers, the checkpoint writer, the memory report and the profiler
+close on every rank; rank 0 closes metrics.jsonl, writes the record and ends the MLflow run; all ranks leave
+together.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 COMPLETE_FILE = "run_complete.json"
 STOPPED_FILE = "stopped.json"
@@ -29,12 +29,30 @@ class Outcome:
     signal: str = ""
 
     @property
+    def failed(self) -> bool:
+        return self.kind == "bad steps"
+
+    @property
     def exit_code(self) -> int:
-        return 3 if self.kind == "bad steps" else 0
+        return 3 if self.failed else 0
 
     @property
     def mlflow_status(self) -> str:
         return {"finished": "FINISHED", "stopped": "KILLED"}.get(self.kind, "FAILED")
+
+    def record(self, mlflow_run_id: Optional[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """(file in the run directory, its JSON) saying how the run ended, where there is one."""
+        if self.kind == "finished":
+            return COMPLETE_FILE, {"steps": self.step, "mlflow_run_id": mlflow_run_id}
+        if self.kind == "stopped":
+            return STOPPED_FILE, {"step": self.step, "signal": self.signal}
+        return None
+
+
+def clear_records(run_dir: Path) -> None:
+    """Rank 0, as a run starts: the records of an earlier attempt no longer describe this run."""
+    for name in (STOPPED_FILE, COMPLETE_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def finished(step: int, run_dir: Path) -> Outcome:
@@ -52,26 +70,12 @@ def bad_steps(step: int, consecutive: int, limit: int, run_dir: Path) -> Outcome
                    "last good one. Lower train.lr, raise train.warmup_steps or check the data, then resume")
 
 
-def tear_down(outcome: Outcome, *, is_main: bool, run_dir: Path, closers: List[Any], metrics, tracker,
-              before_finish: Optional[Callable[[], None]] = None, log) -> int:
-    """closers: objects with close() or finish() (reporter, memory report, profiler, loader), closed in order on
-    every rank; before_finish: rank 0's last words to the tracker (the plot) before its run ends."""
+def tear_down(outcome: Outcome, run) -> int:
+    """Every rank, whatever the outcome (run: train.run.Run). Returns the exit status."""
     import torch.distributed as dist
 
-    for thing in closers:
-        if thing is not None:
-            (getattr(thing, "close", None) or thing.finish)()
-    if is_main:
-        if metrics is not None:
-            metrics.close()
-        if outcome.kind == "finished":
-            (run_dir / COMPLETE_FILE).write_text(json.dumps({"steps": outcome.step,
-                                                             "mlflow_run_id": tracker.run_id}) + "\n")
-        elif outcome.kind == "stopped":
-            (run_dir / STOPPED_FILE).write_text(json.dumps({"step": outcome.step, "signal": outcome.signal}) + "\n")
-        if before_finish is not None:
-            before_finish()
-        tracker.finish(outcome.mlflow_status)
-        (log.error if outcome.kind == "bad steps" else log.info)(outcome.message)
+    run.feed.close()
+    run.checkpointer.close()
+    run.telemetry.close(outcome)
     dist.barrier()
     return outcome.exit_code

@@ -20,22 +20,32 @@ from typing import List, Tuple
 
 import torch
 
+from gptdist.data.held_out import first_windows, held_out_config
+
 IGNORE = -100
 
 
-class Validator:
-    def __init__(self, cfg, layout, topology, tokenizer, device: torch.device):
-        from gptdist.data.held_out import first_windows, held_out_config
+class NoValidation:
+    """eval.data unset (or neither eval.every nor eval.at_end): never due."""
 
+    def due(self, step: int, last: bool) -> bool:
+        return False
+
+
+class Validator:
+    def __init__(self, cfg, rank, tokenizer, log):
+        """rank: the started engine.process.Rank; log: rank-0 messages, told what is validated and when."""
         ev, data = cfg.eval, cfg.data
         source = ev.source
-        self.layout, self.topology, self.device = layout, topology, device
+        self.layout, self.topology, self.device = rank.layout, rank.topology, rank.device
         self.every, self.at_end, self.max_samples = ev.every, ev.at_end, ev.max_samples
         self.seq_len = cfg.model.seq_len
         held = held_out_config(source, data.tokenizer, source.text_field or data.text_field, data.text_split)
         windows = first_windows(held, tokenizer, self.seq_len, ev.max_samples, key="eval.data")
         self.samples = len(windows)
         self.batches = self._micro_batches(windows)  # the same every time: built once
+        log.info(f"gptdist | validation on the first {self.samples} windows of {source.path}"
+                 f"{f' every {ev.every} steps' if ev.every else ''}{' and at the end' if ev.at_end else ''}")
 
     def due(self, step: int, last: bool) -> bool:
         return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
