@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_train_commands(sub)
 
-    from gptdist.tools.compare_loss import register_compare_command
+    from gptdist.commands.tools import register_compare_command
 
     register_compare_command(sub)
 

@@ -64,7 +64,8 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(10, ge=1, description="optimizer steps between host syncs that write metrics")
     max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite losses tolerated before stopping")
-    peak_flops: Optional[float] = Field(None, gt=0, description="per-device peak FLOP/s for MFU (default: measured/datasheet)")
+    peak_flops: Optional[float] = Field(None, gt=0, description="per-device peak FLOP/s for MFU (default: "
+                                        "measured/datasheet)")
     deepspeed_config: Optional[str] = Field(None, description="a DeepSpeed JSON merged over the generated one")
 
     @model_validator(mode="after")
@@ -81,7 +82,8 @@ class RunSection(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in run.dir)")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in "
+                               "run.dir)")
     experiment: str = Field("gptdist", min_length=1)
     on_unreachable: Literal["warn", "fail"] = Field("warn", description="tracking server down: train on, or stop")
     system_metrics: bool = Field(True, description="MLflow's system metrics (CPU, memory, GPU) of rank 0's node")
@@ -198,7 +200,8 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not {type(data).__name__}")
+        raise UserError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not "
+                        f"{type(data).__name__}")
     return data
 
 

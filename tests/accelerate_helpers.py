@@ -102,3 +102,19 @@ def accelerate_launch(flags: Sequence[str], recipe: Path, overrides: Sequence[st
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=run_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
+DS = ["--use_deepspeed", "--num_processes", "2", "--main_process_port", "0"]
+
+
+def refused(capsys, recipe: Path, *args: str, before=()) -> str:
+    """`gptdist [BEFORE] train RECIPE ARGS` in this process (the same main() a rank runs): exit 2 and one line."""
+    from gptdist.cli import main
+
+    code = main([*before, "train", str(recipe), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gptdist: ")
+    return lines[0]

@@ -8,8 +8,6 @@ import random
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-import pytest
-
 WORDS = (
     "the king queen lord lady sword crown night day love death blood honour fool ghost castle storm sea "
     "café naïve übermaß señor 日本 язык λόγος 🙂 O! — 'tis thou art hath doth"
@@ -77,31 +75,13 @@ def split_on_eos(stream: List[int], eos: int) -> List[List[int]]:
     return docs
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Dict[str, object]:
-    """A 4-file paragraph corpus (90 paragraphs) and a 384-token BPE trained on it."""
-    from gptdist.data import train_tokenizer
-
-    root = tmp_path_factory.mktemp("data-corpus")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(2)
-    files = []
-    # Files of different lengths, so file boundaries fall anywhere inside blocks and windows.
-    for f, n in enumerate([20, 25, 15, 30]):
-        path = corpus / f"part-{f:02d}.txt"
-        path.write_text("\n\n".join(paragraph(rng) for _ in range(n)) + "\n", encoding="utf-8")
-        files.append(path)
-    tok = train_tokenizer([str(corpus)], 384, root / "tok", text_split="paragraph")
-    return {"corpus": corpus, "files": files, "tokenizer": str(root / "tok" / "tokenizer.json"), "tok": tok}
-
-
 def data_cfg(tiny: Dict[str, object], **overrides: object):
     """A DataConfig over the tiny corpus, cut into paragraphs."""
     from gptdist.data import DataConfig
 
     values: Dict[str, object] = {
-        "sources": [str(tiny["corpus"])], "tokenizer": tiny["tokenizer"], "text_split": "paragraph", "shuffle_buffer": 8,
+        "sources": [str(tiny["corpus"])], "tokenizer": tiny["tokenizer"], "text_split": "paragraph",
+        "shuffle_buffer": 8,
     }
     values.update(overrides)
     return DataConfig(**values)

@@ -49,7 +49,8 @@ def _run(cmd: List[str], env: Dict[str, str], timeout: float) -> subprocess.Comp
 def launch(recipe: Path, overrides: Sequence[str] = (), ranks: int = 2, timeout: float = 900,
            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`launch/train.sh` with GPUS_PER_NODE ranks: the deepspeed launcher, for real."""
-    return _run(["bash", "launch/train.sh", str(recipe), *overrides], cpu_env({"GPUS_PER_NODE": str(ranks), **(env or {})}), timeout)
+    env = cpu_env({"GPUS_PER_NODE": str(ranks), **(env or {})})
+    return _run(["bash", "launch/train.sh", str(recipe), *overrides], env, timeout)
 
 
 def launch_pair(*calls):
@@ -69,4 +70,5 @@ def train_single(recipe: Path, overrides: Sequence[str] = (), timeout: float = 6
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-6000:]}")

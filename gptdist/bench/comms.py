@@ -34,7 +34,8 @@ def throughput_table(results: Sequence) -> str:
         rate = f"{o.tokens_per_s:,.0f}" if o.tokens_per_s else ""
         rates = getattr(o, "rates", [])
         spread = f"{(max(rates) - min(rates)) / o.tokens_per_s:.0%}" if len(rates) > 1 and o.tokens_per_s else ""
-        note = ("failed: " + o.error) if o.error else ("DeepSpeed's default use_multi_rank_bucket_allreduce=true" if o.run.ds_json else "")
+        default = "DeepSpeed's default use_multi_rank_bucket_allreduce=true" if o.run.ds_json else ""
+        note = ("failed: " + o.error) if o.error else default
         lines.append(f"| {o.run.name} | {o.run.ranks} | {o.threads} | {rate} | {ratio} | {spread} | {note} |")
     return "\n".join(lines)
 
@@ -59,8 +60,8 @@ def comms_table(results: Sequence, psi_bytes: int, dp: int, steps: int, throughp
         f"ZeRO communication per rank per optimizer step at dp={dp}, one micro-batch per rank per step, from "
         f"DeepSpeed's comms logger (rank 0); Ψ = parameter bytes = {_mb(psi_bytes)} MiB (fp32).",
         "",
-        "| layout | collectives per step (calls x mean logged MiB, calls >= 1 KiB) | paper units | paper expects | wire MiB/rank (ring) "
-        "| tokens/s (main run) |",
+        "| layout | collectives per step (calls x mean logged MiB, calls >= 1 KiB) | paper units | paper expects "
+        "| wire MiB/rank (ring) | tokens/s (main run) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for o in results:

@@ -1,10 +1,10 @@
 """`gptdist bench data`: is the loader fast enough, at every world size? Two tables, measured in one run.
 
-Table 1, per world size W in --worlds (default 1, 2, 4, 8): W loader processes start together, as the W data-
-parallel ranks of one job sharing one token cache (a fresh temporary folder); the job consumes --tokens tokens, each
-rank --tokens / W of its own windows as micro-batches. Per rank: tokens tokenized (its share of the blocks; the
-column `x world` is that share times W over world 1's, 1.00 when it falls exactly as 1/world), seconds of CPU it
-used and wall seconds from start to its last batch; over the job: the tokens tokenized against the tokens consumed. The loader's
+Table 1, per world size W in --worlds (default 1, 2, 4, 8): W loader processes start together, as the W data- parallel
+ranks of one job sharing one token cache (a fresh temporary folder); the job consumes --tokens tokens, each rank
+--tokens / W of its own windows as micro-batches. Per rank: tokens tokenized (its share of the blocks; the column `x
+world` is that share times W over world 1's, 1.00 when it falls exactly as 1/world), seconds of CPU it used and wall
+seconds from start to its last batch; over the job: the tokens tokenized against the tokens consumed. The loader's
 tokens/s per rank is counted per CPU-second, the rate of a rank with one core for its loader (this machine has fewer
 cores than ranks, so wall time measures the sharing of its cores, not the loader); it is shown against the trainer's
 consumption, the tokens/s of one rank's forward + backward + AdamW step of the config's GPT.

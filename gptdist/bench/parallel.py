@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.errors import UserError
-from gptdist.telemetry.profiling import read_profiles
 from gptdist.machine import usable_cores
+from gptdist.telemetry.profiling import read_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,7 +173,8 @@ def run_bench_parallel(args: argparse.Namespace) -> int:
         # Rounds over all layouts, so that a busy spell on a shared machine hits every layout alike.
         for r in range(args.repeats):
             for run, merged in zip(runs, results):
-                print(f"bench | round {r + 1}/{args.repeats}: {run.name}, {run.ranks} rank(s)", file=sys.stderr, flush=True)
+                print(f"bench | round {r + 1}/{args.repeats}: {run.name}, {run.ranks} rank(s)", file=sys.stderr,
+                      flush=True)
                 merged.merge(execute(run, config, overrides, args.steps, out_dir, args.timeout))
         for run in comms:
             print(f"bench | comms {run.name}: {run.ranks} rank(s)", file=sys.stderr, flush=True)

@@ -52,8 +52,8 @@ class PlainRunner:
     gptdist row trains), which separates what the head gains from what DeepSpeed costs."""
 
     def __init__(self, cfg: RunConfig, chunked: bool):
-        from gptdist.model import GPT
         from gptdist.engine.optim import build_optimizer
+        from gptdist.model import GPT
 
         dev = device_type()
         _same_gpu_settings(dev)
@@ -83,8 +83,8 @@ class TransformersRunner(PlainRunner):
     def __init__(self, cfg: RunConfig):
         import transformers
 
-        from gptdist.model.hf import hf_config_from
         from gptdist.engine.optim import build_optimizer
+        from gptdist.model.hf import hf_config_from
 
         dev = device_type()
         _same_gpu_settings(dev)

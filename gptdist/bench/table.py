@@ -58,7 +58,7 @@ def build_lines(results: Sequence[RowResult], titles: dict, *, tokens_per_step: 
             rates[res.row] = line.tokens_per_s
         lines.append(line)
     base = rates.get(baseline)
-    for res, line in zip(results, lines):
+    for line in lines:
         if base and line.tokens_per_s:
             line.ratio = line.tokens_per_s / base
     return lines

@@ -41,8 +41,8 @@ def machine() -> str:
 def run_bench_train(args: argparse.Namespace) -> int:
     import torch
 
-    from gptdist.model import count_parameters, flops_per_token
     from gptdist.engine.ds_config import resolve_precision
+    from gptdist.model import count_parameters, flops_per_token
     from gptdist.telemetry.metrics_file import datasheet_peak_flops
 
     cfg = bench_config(args.config, args.overrides)

@@ -79,8 +79,8 @@ class Checkpointer:
             restore_same_layout(engine, self.folder, self.rank.world.rank, self.cfg.train)
         else:
             restore_moments(engine, param_names, self.weights, topology, self.start_step)
-        self.log.info(f"gptdist | resumed from {self.folder} at step {self.start_step}"
-                      f"{'' if self.same_layout else ' (layout changed: weights and optimizer moments re-cut for this layout)'}")
+        moved = "" if self.same_layout else " (layout changed: weights and optimizer moments re-cut for this layout)"
+        self.log.info(f"gptdist | resumed from {self.folder} at step {self.start_step}{moved}")
         changed = [c for c in config_changes(self.state.get("config") or {}, self.cfg.to_dict())
                    if not c.startswith(("run.", "resume:"))]
         if changed:
@@ -95,8 +95,8 @@ class Checkpointer:
 
     def attach(self, engine, param_names: Dict[int, str]) -> None:
         world = self.rank.world
-        self._saver = SaveContext(engine, param_names, self.rank.topology, self.cfg, self.run_dir, world.rank, world.size,
-                                  self.drills)
+        self._saver = SaveContext(engine, param_names, self.rank.topology, self.cfg, self.run_dir, world.rank,
+                                  world.size, self.drills)
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.checkpoint.every

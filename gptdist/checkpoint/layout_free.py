@@ -80,7 +80,8 @@ MIN_FILE_BYTES = 16 << 20
 _FILE_NAME = re.compile(r"^tp(\d+)_pp(\d+)(?:_.*)?\.safetensors$")
 
 
-def write_layout_free(engine, param_names: Dict[int, str], topology, cfg, folder: Path, file_bytes: int = FILE_BYTES) -> None:
+def write_layout_free(engine, param_names: Dict[int, str], topology, cfg, folder: Path,
+                      file_bytes: int = FILE_BYTES) -> None:
     """Called by every rank (the ZeRO gathers are collective); the data-parallel ranks of each (tp, pp) share the
     writing, parameter by parameter. A rank's buffer stays under 1/8 of the bytes it writes in all (weights and
     moments, fp32), so a save adds little to what training itself holds."""
@@ -192,7 +193,8 @@ class LayoutFreeReader:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {name: self.full(name) for name in self.names()}
 
-    def read_piece(self, name: str, partition: Partition, tp_rank: int, tp: int, key: Optional[str] = None) -> torch.Tensor:
+    def read_piece(self, name: str, partition: Partition, tp_rank: int, tp: int,
+                   key: Optional[str] = None) -> torch.Tensor:
         """Tensor-parallel rank `tp_rank` of `tp`'s piece of `name` split as `partition`, reading only its rows
         (or columns) from the saved pieces, whatever tensor-parallel size wrote them."""
         tensor_name = name if key is None else f"{key}/{name}"

@@ -26,8 +26,17 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from gptdist.checkpoint.manifest import LATEST, checksum_problems, describe, list_files, read_manifest, size_problems, write_atomically, write_manifest
 from gptdist.checkpoint.layout_free import merge_index, write_layout_free
+from gptdist.checkpoint.manifest import (
+    LATEST,
+    checksum_problems,
+    describe,
+    list_files,
+    read_manifest,
+    size_problems,
+    write_atomically,
+    write_manifest,
+)
 
 STATE_FILE = "gptdist_state.json"
 _TAG = re.compile(r"^step_(\d{8,})$")

@@ -14,7 +14,8 @@ def register_bench_commands(bench_subparsers: Any) -> None:
         description="One table measured in one run: tokens/s, step time, MFU, peak memory and the ratio to the plain "
         "PyTorch loop, for the config's model and micro-batch on random tokens.",
     )
-    t.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default configs/tiny-cpu.yaml)")
+    t.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default "
+                   "configs/tiny-cpu.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.vocab_size=50304 model.n_layer=6")
     t.add_argument("--steps", type=int, default=5, help="timed steps per repeat (default 5)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -31,8 +32,8 @@ def register_bench_commands(bench_subparsers: Any) -> None:
         "ZeRO 1/2/3, tp=2, pp=2 and tp2 x pp2 x dp2; DeepSpeed's comms logger totals per step for ZeRO 1/2/3 against "
         "the ZeRO paper's volumes; the pipeline's idle fraction.",
     )
-    p.add_argument("config", nargs="?", default=None, help="a recipe for the data section (default: a built-in tiny run "
-                   "on the Shakespeare recipe's data)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a recipe for the data section (default: a built-in tiny run on the Shakespeare recipe's data)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every layout")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run; tokens/s is the median after the "
                    "first log window (default 12)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
+
 from gptdist.machine import usable_cores
 
 
@@ -56,7 +57,8 @@ def register_data_commands(subparsers: Any) -> None:
     t.add_argument("--text-field", default="text", help="JSONL/Parquet field with the text (default text)")
     t.add_argument("--text-split", default="document", choices=["document", "paragraph", "line"],
                    help="how plain-text files are cut into documents (default document)")
-    t.add_argument("--hf-files", action="store_true", help="also write vocab.json, merges.txt and configs for transformers")
+    t.add_argument("--hf-files", action="store_true", help="also write vocab.json, merges.txt and configs for "
+                   "transformers")
     t.set_defaults(func=tokenizer_train_command)
 
 
@@ -69,7 +71,8 @@ def register_bench_data(bench_subparsers: Any) -> None:
         "against the trainer's); then one rank: the loader with 0 and W workers, datasets' non-streaming "
         "load_dataset + map(batched=True) on the same text and tokenizer, and the model's training tokens/s.",
     )
-    b.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default configs/tiny-cpu.yaml)")
+    b.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default "
+                   "configs/tiny-cpu.yaml)")
     b.add_argument("overrides", nargs="*", help="key=value overrides")
     b.add_argument("--tokens", type=int, default=1_000_000,
                    help="tokens per rank and per loader/anchor measurement (default 1e6)")
@@ -136,10 +139,12 @@ def cache_command(args: argparse.Namespace) -> int:
 def tokenizer_train_command(args: argparse.Namespace) -> int:
     from gptdist.data.tokenizer_train import train_tokenizer
 
-    tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field, text_split=args.text_split)
+    tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
+                          text_split=args.text_split)
     if args.hf_files:
         tok.save_hf_files(args.out)
-    print(f"wrote {args.out}/tokenizer.json: {tok.vocab_size} tokens, {tok.eos_token} = {tok.eos_id}, identity {tok.identity[:12]}")
+    print(f"wrote {args.out}/tokenizer.json: {tok.vocab_size} tokens, {tok.eos_token} = {tok.eos_id}, identity "
+          f"{tok.identity[:12]}")
     return 0
 
 

@@ -101,7 +101,7 @@ def _measure(cfg, args, plans, hw) -> int:
                          "checkpoint.at_end=false", "tracking.enabled=false", "eval.every=0", "eval.at_end=false",
                          "resume=never"]
             # launch/train.sh shares the cores between CPU ranks itself (OMP threads = cores / ranks).
-            results.append((plan, run_layout(str(Path(args.config).resolve()), overrides, lay.world, out / name)))
+            results.append((plan, run_layout(str(Path(args.config).resolve()), overrides, lay.world_size, out / name)))
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The command line of gptdist.tools: export, import-hf, generate and eval (see gptdist/tools/__init__.py)."""
+"""The command line of gptdist.tools: export, import-hf, generate, eval and compare-loss (gptdist/tools/__init__.py)."""
 
 from __future__ import annotations
 
@@ -141,3 +141,39 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"gptdist: {ckpt.folder} (step {ckpt.step}) on {args.data}: loss {result.loss:.4f}, "
               f"perplexity {result.perplexity:.2f} over {result.samples} samples ({result.tokens} tokens)")
     return 0
+
+
+def register_compare_command(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser("compare-loss", help="compare two runs' per-step losses",
+                         description="Exit 0 if every common step's losses agree within --rtol, else 1.")
+    cmd.add_argument("run_a")
+    cmd.add_argument("run_b")
+    cmd.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance per step (default 1e-4)")
+    cmd.add_argument("--steps", type=str, default=None, help="only steps FIRST:LAST (inclusive)")
+    cmd.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from gptdist.tools.compare_loss import compare, load_losses
+
+    a, b = load_losses(args.run_a), load_losses(args.run_b)
+    if args.steps:
+        first, _, last = args.steps.partition(":")
+        keep = range(int(first or 0), int(last or 10**12) + 1)
+        a = {s: v for s, v in a.items() if s in keep}
+        b = {s: v for s, v in b.items() if s in keep}
+    rows, ok = compare(a, b, args.rtol)
+    if not rows:
+        print("compare-loss: the runs have no step in common")
+        return 1
+    missing = sorted(set(a) ^ set(b))
+    print(f"{'step':>6} {'loss A':>14} {'loss B':>14} {'rel diff':>10}")
+    for step, x, y, rel in rows:
+        flag = "" if rel <= args.rtol else "  <-- over rtol"
+        print(f"{step:>6} {x:>14.8f} {y:>14.8f} {rel:>10.2e}{flag}")
+    worst = max(rel for *_, rel in rows)
+    if missing:
+        print(f"steps in only one run: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    verdict = "MATCH" if ok and not missing else "MISMATCH"
+    print(f"{verdict}: {len(rows)} common steps, max relative difference {worst:.2e} (rtol {args.rtol:g})")
+    return 0 if verdict == "MATCH" else 1

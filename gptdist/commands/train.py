@@ -30,8 +30,9 @@ def register_train_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_accelerate_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-config", metavar="FILE", default=None,
-                        help="an accelerate config YAML whose settings (zero_stage, mixed_precision, gradient_clipping, "
-                             "deepspeed_config_file) apply where the recipe is silent (gptdist/launchers/)")
+                        help="an accelerate config YAML whose settings (zero_stage, mixed_precision, "
+                             "gradient_clipping, deepspeed_config_file) apply where the recipe is silent "
+                             "(gptdist/launchers/)")
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -28,17 +28,20 @@ class DataConfig(BaseModel):
         "document", description="how a plain-text file is cut into documents (EOS goes between documents)"
     )
     tokenizer: str = Field("gpt2", min_length=1, description="'gpt2', a tokenizer.json, or a folder with vocab+merges")
-    shuffle_buffer: int = Field(1000, ge=0, description="documents per deterministic shuffle block; 0 keeps source order")
+    shuffle_buffer: int = Field(1000, ge=0, description="documents per deterministic shuffle block; 0 keeps source "
+                                "order")
     workers: int = Field(0, ge=0, description="tokenizing worker processes; 0 tokenizes in a background thread")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead of the trainer")
-    on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip it with a warning")
+    on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip "
+                                                 "it with a warning")
     cache: str = Field("run", min_length=1, description="token cache: 'run' (RUN_DIR/token_cache), 'off' (every rank "
                                                         "tokenizes what it reads), or a folder shared by runs")
     hub_retries: int = Field(5, ge=0, description="transient errors streaming a hub dataset retried this many times "
                                                   "in a row (waits double from hub_backoff_s) before the run stops")
     hub_backoff_s: float = Field(2.0, ge=0, description="seconds before the first retry of a hub stream")
-    cache_scope: Literal["job", "node"] = Field("job", description="who shares the tokenizing: the whole job (the cache "
-                                                                  "folder is on a filesystem all nodes see) or each node")
+    cache_scope: Literal["job", "node"] = Field(
+        "job", description="who shares the tokenizing: the whole job (the cache folder is on a filesystem all nodes "
+                           "see) or each node")
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -40,7 +40,8 @@ def indexable(f: SourceFile) -> bool:
 def file_key(f: SourceFile, text_split: str, text_field: str) -> str:
     """Changes whenever the file or the way it is cut into documents does."""
     st = os.stat(f.path)
-    blob = f"{INDEX_VERSION}|{os.path.realpath(f.path)}|{st.st_size}|{st.st_mtime_ns}|{f.kind}|{text_split}|{text_field}"
+    blob = (f"{INDEX_VERSION}|{os.path.realpath(f.path)}|{st.st_size}|{st.st_mtime_ns}|{f.kind}|{text_split}|"
+            f"{text_field}")
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -247,7 +248,8 @@ def _index_jsonl(path: str, text_field: str) -> DocIndex:
                     record = json.loads(stripped)
                 except ValueError:
                     found = find_bad_json_line(path, text_field)
-                    raise BadFile(found[1] if found else "is not valid JSON", line=found[0] if found else line_no) from None
+                    raise BadFile(found[1] if found else "is not valid JSON",
+                                  line=found[0] if found else line_no) from None
                 value = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(value, str):
                     found = find_bad_json_line(path, text_field)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest
 from gptdist.data.config import DataConfig
 from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
-from gptdist.data.producers import ProcessProducers, ProducerStats, ProducerGroup, ThreadProducer, open_cache
+from gptdist.data.producers import ProcessProducers, ProducerGroup, ProducerStats, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
 from gptdist.data.stream import BlockMaker, Indexes
 from gptdist.data.token_cache import block_record
@@ -239,7 +239,8 @@ class BlockReader:
 class _Producer:
     """The background side: holds no reference to the TrainLoader, so an unclosed loader can still be collected."""
 
-    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int, producers: ProducerGroup) -> None:
+    def __init__(self, loader: TrainLoader, start: Start, workers: int, prefetch: int,
+                 producers: ProducerGroup) -> None:
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.workers = workers
@@ -278,7 +279,7 @@ class _Producer:
             for batch in batches:
                 if not self._put(batch):
                     return
-        except BaseException as exc:  # handed to the consumer, which raises it (UserError stays a UserError)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it (UserError stays a UserError)
             if not self.stop.is_set():
                 self._put(_Failure(exc))
 

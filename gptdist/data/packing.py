@@ -110,7 +110,8 @@ def rank_batches(
         yield Batch(inputs, targets, indices, state_of(after, block, offset, cursors))
 
 
-def make_state(plan: DataPlan, seq_len: int, sample: int, block: int, offset: int, cursors: Sequence[Cursor]) -> Dict[str, Any]:
+def make_state(plan: DataPlan, seq_len: int, sample: int, block: int, offset: int,
+               cursors: Sequence[Cursor]) -> Dict[str, Any]:
     return {
         "version": STATE_VERSION,
         "sample": int(sample),
@@ -132,9 +133,11 @@ def parse_state(state: Optional[Dict[str, Any]], plan: DataPlan, seq_len: int) -
         version, sample, block, offset = (int(state[k]) for k in ("version", "sample", "block", "offset"))
         cursors = [[int(x) for x in c] for c in state["sources"]]
     except (KeyError, TypeError, ValueError):
-        raise UserError("the checkpoint's data state is not one gptdist wrote (missing sample/block/offset/sources)") from None
+        raise UserError("the checkpoint's data state is not one gptdist wrote (missing "
+                        "sample/block/offset/sources)") from None
     if version != STATE_VERSION:
-        raise UserError(f"the checkpoint's data state has version {version}; this gptdist reads version {STATE_VERSION}")
+        raise UserError(f"the checkpoint's data state has version {version}; this gptdist reads version "
+                        f"{STATE_VERSION}")
     if int(state.get("seq_len", seq_len)) != seq_len:
         raise UserError(
             f"the checkpoint's data position was saved with model.seq_len={state['seq_len']}, the config has "
@@ -147,8 +150,8 @@ def parse_state(state: Optional[Dict[str, Any]], plan: DataPlan, seq_len: int) -
         )
     if state.get("digest", plan.digest) != plan.digest or len(cursors) != len(plan.sources):
         raise UserError(
-            "the data section (sources, weights, text_field, text_split, tokenizer or shuffle_buffer) changed since the "
-            "checkpoint, so its saved data position does not apply; restore the data section used for that run"
+            "the data section (sources, weights, text_field, text_split, tokenizer or shuffle_buffer) changed since "
+            "the checkpoint, so its saved data position does not apply; restore the data section used for that run"
         )
     files = state.get("files") or [s.n_units for s in plan.sources]
     for i, (src, n) in enumerate(zip(plan.sources, files)):

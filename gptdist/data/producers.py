@@ -4,7 +4,8 @@ the token cache, and every rank reads the blocks it needs from there.
 Worker g of G (G = producing ranks x max(1, data.workers); the producing ranks are those that read data: every
 data-parallel rank, and in each replica the first and last pipeline stages and all their tensor-parallel ranks)
 owns blocks c with c mod G == g. It tokenizes an owned block only when its rank's reader is within `lookahead`
-blocks of it (G + 1: one block ahead per worker, past the one being read), so a job tokenizes what it consumes plus that look-ahead,
+blocks of it (G + 1: one block ahead per worker, past the one being read), so a job tokenizes what it consumes
+plus that look-ahead,
 and each token once. A block already in the cache (a previous run over the same data, `gptdist data cache`, a
 restart) is not tokenized again.
 
@@ -133,7 +134,7 @@ class ThreadProducer:
             try:
                 produce(plan, cache, start_block, cursors, me, total, lambda: self.position, self._stop,
                         self.stats, lookahead)
-            except BaseException as exc:  # handed to the reader, which raises it
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
                 self.error = exc
 
         self._thread = threading.Thread(target=run, name="gptdist-tokenize", daemon=True)
@@ -219,7 +220,7 @@ class ProcessProducers:
         except queue.Empty:
             dead = [p for p in self._procs if not p.is_alive() and p.exitcode not in (0, None)]
             if dead and not self._stop.is_set():
-                raise RuntimeError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})")
+                raise RuntimeError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
             return
         if kind == "user":
             raise UserError(message)

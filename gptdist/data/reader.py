@@ -77,7 +77,7 @@ class SourceReader:
             self.bad_file(i, bad)
         except UserError:
             raise
-        except Exception as exc:  # datasets/pyarrow/fsspec raise many types; all mean "this file cannot be read"
+        except Exception as exc:  # noqa: BLE001 - datasets/pyarrow/fsspec raise many types; all mean "this file cannot be read"
             self.bad_file(i, self._explain(i, exc))
 
     # -- reading ------------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class SourceReader:
             paths = [f.path for f in self.src.files if f.kind == kind]
             try:
                 ds = self._load(kind, paths)
-            except Exception:  # e.g. a file name datasets reads as a pattern: load file by file, blame the right one
+            except Exception:  # noqa: BLE001 - e.g. a file name datasets reads as a pattern: load file by file, blame the right one
                 ds = False
             self._by_kind[kind] = ds
         if ds is False:  # datasets did not give one shard per file: fall back to a dataset per file
@@ -185,7 +185,7 @@ def validate_file(path: str, kind: str, text_field: str, *, max_bytes: Optional[
             import pyarrow.parquet as pq
 
             names = pq.read_schema(path).names
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for an unreadable file
             raise BadFile(f"is not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
         if text_field not in names:
             raise BadFile(f"has no {text_field!r} column (columns: {', '.join(names)})")
@@ -233,7 +233,8 @@ def find_bad_json_line(
                 except ValueError as exc:
                     return n, f"is not valid JSON ({getattr(exc, 'msg', exc)})"
                 if not isinstance(obj, dict) or field not in obj or obj[field] is None:
-                    return n, f"has no {field!r} field (set data.text_field or the source's text_field to the key that holds the text)"
+                    return n, (f"has no {field!r} field (set data.text_field or the source's text_field to the key "
+                               "that holds the text)")
                 if not isinstance(obj[field], str):
                     return n, f"has a {type(obj[field]).__name__} in {field!r}, not text"
     except UnicodeDecodeError as exc:

@@ -160,12 +160,14 @@ def _package_files(path: str, src: ResolvedSource) -> List[SourceFile]:
     except (ImportError, ValueError):
         found = None
     if found is None:
-        raise UserError(f"{src.describe()}: the package {package!r} is not installed; pip install it or use a local path")
+        raise UserError(f"{src.describe()}: the package {package!r} is not installed; pip install it or use a local "
+                        "path")
     roots = list(found.submodule_search_locations or []) or [str(Path(found.origin or "").parent)]
     files: List[str] = []
     for root in roots:
         for m in sorted(globlib.glob(os.path.join(root, pattern), recursive=True)):
             files.extend(_walk(m) if os.path.isdir(m) else [m])
     if not files:
-        raise UserError(f"{src.describe()}: no such file: {pattern!r} matches nothing inside package {package!r} ({roots[0]})")
+        raise UserError(f"{src.describe()}: no such file: {pattern!r} matches nothing inside package {package!r} "
+                        f"({roots[0]})")
     return [SourceFile(f, file_kind(f)) for f in files]

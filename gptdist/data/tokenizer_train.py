@@ -30,7 +30,8 @@ def train_tokenizer(
     text_split: str = "document",
 ) -> GPTTokenizer:
     if vocab_size < MIN_VOCAB:
-        raise UserError(f"--vocab-size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} (256 bytes + {EOS_TOKEN})")
+        raise UserError(f"--vocab-size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} (256 "
+                        f"bytes + {EOS_TOKEN})")
     if not sources:
         raise UserError("tokenizer train: give at least one SOURCE (a file, glob, folder or pkg://package/glob)")
     cfg = DataConfig(sources=list(sources), text_field=text_field, text_split=text_split)  # type: ignore[arg-type]

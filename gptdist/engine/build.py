@@ -11,10 +11,10 @@ from typing import Dict, Tuple
 import torch
 
 from gptdist.config import RunConfig
-from gptdist.model import GPT
-from gptdist.parallel.layout import Layout
 from gptdist.engine.ds_config import build_ds_config
 from gptdist.engine.optim import build_optimizer, build_scheduler
+from gptdist.model import GPT
+from gptdist.parallel.layout import Layout
 
 
 def value_source(cfg: RunConfig, weights=None):
@@ -56,9 +56,9 @@ def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
     instead of the initial ones."""
     import deepspeed
 
+    from gptdist.engine.steps import PipelineStep, PlainStep
     from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
     from gptdist.parallel.pipeline import StageLayers, build_pipeline, cross_entropy_loss, stage_parameter_names
-    from gptdist.engine.steps import PipelineStep, PlainStep
 
     layout, topology, precision, device_type = rank.layout, rank.topology, rank.precision, rank.device_type
     device = rank.device
@@ -116,7 +116,8 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
     group = engine.mpu.get_model_parallel_group() if pipeline else topology.tp_group
 
     def clip_and_record() -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        params = [p for p in engine.module.parameters()
+                  if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
         norm = tp_grad_norm(params, topology.tp_group, group)
         engine._global_grad_norm = norm
         # A non-finite gradient (NaN/inf loss) must not reach the weights: drop every gradient, so the optimizer

@@ -11,7 +11,6 @@ from gptdist.errors import UserError
 from gptdist.model.config import GPTConfig
 from gptdist.parallel.layout import Layout
 
-
 # DeepSpeed's comms logger, for profile.comms (telemetry/profiling.py reads what it recorded).
 COMMS_LOGGER = {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False}}
 
@@ -25,7 +24,8 @@ def resolve_precision(cfg: RunConfig, device_type: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if wanted == "fp16" and device_type != "cuda":
-        raise UserError("config error: train.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or bf16")
+        raise UserError("config error: train.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use fp32 or "
+                        "bf16")
     return wanted
 
 

@@ -166,7 +166,8 @@ def _unlink_shm_buffers() -> None:
     if not os.path.isdir("/dev/shm") or dist.get_world_size() == 1:
         return
     dist.barrier()
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_PORT')}_{os.environ.get('LOCAL_RANK', '0')}"
+    port, local_rank = os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK", "0")
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{local_rank}"
     for path in glob.glob(pattern):
         try:
             os.unlink(path)

@@ -64,8 +64,8 @@ def settings_from_accelerate(values: Mapping[str, Any], describe: Describe,
     if distributed in ("FSDP", "MEGATRON_LM", "PARALLELISM_CONFIG"):
         what = {"FSDP": "FSDP", "MEGATRON_LM": "Megatron-LM", "PARALLELISM_CONFIG": "accelerate's parallelism config"}
         raise UserError(f"{describe('distributed_type', distributed)}: gptdist does not run under {what[distributed]}; "
-                        "it shards with DeepSpeed itself: launch with --use_deepspeed (distributed_type: DEEPSPEED) and "
-                        "set parallel.tp, parallel.pp and parallel.zero_stage (3 shards like FSDP)")
+                        "it shards with DeepSpeed itself: launch with --use_deepspeed (distributed_type: DEEPSPEED) "
+                        "and set parallel.tp, parallel.pp and parallel.zero_stage (3 shards like FSDP)")
     stage = given("zero_stage")
     if stage is not None:
         source = describe("zero_stage", stage)
@@ -80,8 +80,8 @@ def settings_from_accelerate(values: Mapping[str, Any], describe: Describe,
             if precision_is_explicit:
                 out.append(Setting("train.precision", "fp32", source))
         elif wanted == "fp8":
-            raise UserError(f"{source}: gptdist trains in fp32, bf16 or fp16, not fp8; set accelerate's mixed_precision "
-                            "to bf16 or no")
+            raise UserError(f"{source}: gptdist trains in fp32, bf16 or fp16, not fp8; set accelerate's "
+                            "mixed_precision to bf16 or no")
         else:
             raise UserError(f"{source}: unknown mixed precision; expected no, bf16 or fp16")
     clip = given("gradient_clipping")
@@ -138,7 +138,8 @@ def settings_from_deepspeed_file(path: str, source: str) -> List[Setting]:
     take("train.grad_clip", data.get("gradient_clipping"), "gradient_clipping", _number)
     take("layout.grad_accum", data.get("gradient_accumulation_steps"), "gradient_accumulation_steps", _whole)
     take("layout.global_batch_size", data.get("train_batch_size"), "train_batch_size", _whole)
-    take("layout.micro_batch_size", data.get("train_micro_batch_size_per_gpu"), "train_micro_batch_size_per_gpu", _whole)
+    take("layout.micro_batch_size", data.get("train_micro_batch_size_per_gpu"), "train_micro_batch_size_per_gpu",
+         _whole)
     return out
 
 

@@ -21,11 +21,12 @@ _LAZY = {
     "generate": "gptdist.model.decoding",
 }
 
-__all__ = ["GPTConfig", *_LAZY]
+__all__ = ["GPTConfig", "GPT", "KVCache", "init_parameters", "init_value", "count_parameters", "flops_per_token",
+           "generate"]  # the same names as _LAZY
 
 if TYPE_CHECKING:
-    from gptdist.model.flops import count_parameters, flops_per_token
     from gptdist.model.decoding import generate
+    from gptdist.model.flops import count_parameters, flops_per_token
     from gptdist.model.gpt import GPT
     from gptdist.model.init import init_parameters, init_value
     from gptdist.model.kv_cache import KVCache

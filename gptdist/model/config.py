@@ -19,11 +19,13 @@ class GPTConfig(BaseModel):
     pos_embedding: Literal["learned", "sinusoidal"] = "learned"
     activation: Literal["gelu_tanh", "gelu", "relu"] = "gelu_tanh"
     tie_embeddings: bool = Field(True, description="the LM head reuses the token embedding matrix")
-    scale_embeddings: bool = Field(False, description="multiply token embeddings by sqrt(d_model), as in Vaswani et al.")
+    scale_embeddings: bool = Field(False, description="multiply token embeddings by sqrt(d_model), as in Vaswani et "
+                                   "al.")
     bias: bool = Field(True, description="biases in linear layers and LayerNorms")
     layer_norm_eps: float = Field(1e-5, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get init_std/sqrt(2*n_layer)")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections get "
+                            "init_std/sqrt(2*n_layer)")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "GPTConfig":

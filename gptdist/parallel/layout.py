@@ -42,7 +42,8 @@ class Layout:
     def describe(self) -> str:
         return (
             f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage} | "
-            f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x accum {self.grad_accum} x dp {self.dp}"
+            f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x accum {self.grad_accum} "
+            f"x dp {self.dp}"
         )
 
     @classmethod

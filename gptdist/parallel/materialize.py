@@ -68,7 +68,8 @@ class CheckpointValues:
         value = self.reader.read_piece(name, partition, tp_rank, tp_size)
         expected = tuple(shard(torch.empty(shape, device="meta"), partition, tp_rank, tp_size).shape)
         if tuple(value.shape) != expected:
-            raise ValueError(f"{name}: the checkpoint's piece has shape {tuple(value.shape)}, this rank needs {expected}")
+            raise ValueError(f"{name}: the checkpoint's piece has shape {tuple(value.shape)}, this rank needs "
+                             f"{expected}")
         return value
 
 
@@ -92,7 +93,8 @@ def materialize(module: nn.Module, source: ValueSource, *, device: torch.device 
                 value = source.piece(name, full_shape(param.shape, part, tp_size), part, tp_rank, tp_size)
                 if tuple(value.shape) != tuple(param.shape):
                     raise ValueError(f"{name}: value of shape {tuple(value.shape)}, parameter {tuple(param.shape)}")
-                new = nn.Parameter(value.to(device=device, dtype=dtype or param.dtype), requires_grad=param.requires_grad)
+                new = nn.Parameter(value.to(device=device, dtype=dtype or param.dtype),
+                                   requires_grad=param.requires_grad)
                 del value
                 setattr(sub, leaf, new)
                 param = new
@@ -111,7 +113,8 @@ def materialize(module: nn.Module, source: ValueSource, *, device: torch.device 
         if meta_buffers:
             reset = getattr(sub, "reset_buffers", None)
             if not callable(reset):
-                raise ValueError(f"buffers {meta_buffers} of {mod_name!r} are on the meta device and cannot be refilled")
+                raise ValueError(f"buffers {meta_buffers} of {mod_name!r} are on the meta device and cannot be "
+                                 "refilled")
             reset()
     return names
 

@@ -42,11 +42,15 @@ class Hardware:
 # Bus bandwidths: NVLink 4 is 450 GB/s per direction per H100, NCCL all-reduce reaches ~360-400 GB/s bus bandwidth
 # inside an 8-GPU node; 400 Gb/s InfiniBand per GPU is 50 GB/s (~40-45 reached). A100: NVLink 3 300 GB/s per
 # direction (~230 reached), 200 Gb/s HDR per GPU (25 GB/s, ~20 reached).
+GPU_RUNTIME = int(1.5 * GiB)  # CUDA context, NCCL buffers, Python and torch per GPU
 PRESETS: Dict[str, Hardware] = {
-    "h100": Hardware("H100 SXM 80GB", 80 * GiB, 989.5e12, "bf16", 0.55, 360.0, 40.0, 10e-6, int(1.5 * GiB), 0.10, False),
-    "h200": Hardware("H200 SXM 141GB", 141 * GiB, 989.5e12, "bf16", 0.55, 360.0, 40.0, 10e-6, int(1.5 * GiB), 0.10, False),
-    "a100-80gb": Hardware("A100 SXM 80GB", 80 * GiB, 312e12, "bf16", 0.60, 230.0, 20.0, 10e-6, int(1.5 * GiB), 0.10, False),
-    "a100-40gb": Hardware("A100 SXM 40GB", 40 * GiB, 312e12, "bf16", 0.60, 230.0, 20.0, 10e-6, int(1.5 * GiB), 0.10, False),
+    # name, memory, peak FLOP/s, precision, matmul efficiency, intra/inter-node GB/s, latency, runtime, slack, checked
+    "h100": Hardware("H100 SXM 80GB", 80 * GiB, 989.5e12, "bf16", 0.55, 360.0, 40.0, 10e-6, GPU_RUNTIME, 0.10, False),
+    "h200": Hardware("H200 SXM 141GB", 141 * GiB, 989.5e12, "bf16", 0.55, 360.0, 40.0, 10e-6, GPU_RUNTIME, 0.10, False),
+    "a100-80gb": Hardware("A100 SXM 80GB", 80 * GiB, 312e12, "bf16", 0.60, 230.0, 20.0, 10e-6, GPU_RUNTIME, 0.10,
+                          False),
+    "a100-40gb": Hardware("A100 SXM 40GB", 40 * GiB, 312e12, "bf16", 0.60, 230.0, 20.0, 10e-6, GPU_RUNTIME, 0.10,
+                          False),
 }
 ALIASES = {"h100-80gb": "h100", "h200-141gb": "h200", "a100": "a100-80gb"}
 
@@ -120,7 +124,8 @@ def resolve(name: str, ranks_per_node: int, *, memory: Optional[str] = None, pea
         if peak_tflops <= 0:
             raise UserError(f"--peak-tflops {peak_tflops}: must be positive")
         changes["peak_flops"] = peak_tflops * 1e12
-    for key_, value, flag in (("intra_node_gbps", intra, "--intra-node-gbps"), ("inter_node_gbps", inter, "--inter-node-gbps")):
+    links = (("intra_node_gbps", intra, "--intra-node-gbps"), ("inter_node_gbps", inter, "--inter-node-gbps"))
+    for key_, value, flag in links:
         if value is not None:
             if value <= 0:
                 raise UserError(f"{flag} {value}: must be positive")

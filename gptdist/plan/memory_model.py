@@ -3,17 +3,17 @@
 What a rank holds, in the terms of its memory report (train/memory.py), for N = its parameters (shapes.py: its
 stage's layers, its tensor-parallel shard), part = its ZeRO partition of them, e = bytes per parameter element:
 
-    fp32 (CPU, and GPUs with train.precision=fp32)       ZeRO-0     ZeRO-1 / ZeRO-2                 ZeRO-3
-    params    the module's parameters                    4N         4·flat (N, aligned to 2·dp)      4·part (+ unpartitioned small ones)
-    master    fp32 copy the optimizer updates            -          4·part                           4·part
-    optimizer Adam's exp_avg and exp_avg_sq              8N         8·part                           8·part
-    grads     at the optimizer step                      4N         8·part (bucketed + fp32 copy)    8·part (flat buffer + fp32 copy)
-    buffers   DeepSpeed's working buffers                -          -                                reduce bucket
+    fp32 (CPU, and GPUs with train.precision=fp32)   ZeRO-0   ZeRO-1 / ZeRO-2                 ZeRO-3
+    params    the module's parameters                4N       4·flat (N, aligned to 2·dp)      4·part (+ small ones)
+    master    fp32 copy the optimizer updates        -        4·part                           4·part
+    optimizer Adam's exp_avg and exp_avg_sq          8N       8·part                           8·part
+    grads     at the optimizer step                  4N       8·part (bucketed + fp32 copy)    8·part (flat + fp32 copy)
+    buffers   DeepSpeed's working buffers            -        -                                reduce bucket
 
 bf16 (DeepSpeed's bf16 optimizer with ZeRO-0; bf16 flat buffers with ZeRO-1/2/3) keeps 2-byte parameters and
 gradient buckets and fp32 master weights, gradients and moments; the table in docs/performance.md lists it. These
 are DeepSpeed 0.19's buffers as its source allocates them; the fp32 rows were checked against measured runs
-(tests/test_layouts.py), the bf16 rows have not been run on a GPU yet.
+(tests/launch/parallel/test_layouts.py), the bf16 rows have not been run on a GPU yet.
 
 Activations per micro-batch of n = micro_batch_size x seq_len tokens, saved for backward (SDPA attention, which
 keeps only its output and log-sum-exp, not the T x T scores):
@@ -198,14 +198,15 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
     g_fwd = grads_during if warm else 0
     # Backward's transient: a new gradient and its accumulation into the existing one, twice the largest tensor
     # involved. On the first stage that is the token embedding's dense V x d gradient, unless ZeRO-1 copies
-    # each gradient into its bucket as it appears (measured: tests/test_layouts.py); elsewhere a block's
+    # each gradient into its bucket as it appears (measured: tests/launch/parallel/test_layouts.py); elsewhere a block's
     # largest matrix.
     block_matrix = max(3 * cfg.d_model * cfg.d_model, cfg.d_model * cfg.ffn_dim) // layout.tp
     wte = cfg.vocab_size * cfg.d_model // layout.tp
     dense_embedding_grad = rp.first and z != 1
     t_bwd = max(acts["recompute"], 2 * FP32 * (max(wte, block_matrix) if dense_embedding_grad else block_matrix))
     phases = {
-        "build": e * N + FP32 * largest + (e * sum(p[0] for p in zero12_partitions(rp.groups, dp)) if z in (1, 2) else 0),
+        "build": e * N + FP32 * largest
+                 + (e * sum(p[0] for p in zero12_partitions(rp.groups, dp)) if z in (1, 2) else 0),
         "forward": base + g_fwd + k * one + acts["forward_transient"] + gathered,
         "backward": base + gathered + notes.get("reducing", 0) + t_bwd
         + max(g_fwd + k * one, (grads_during + one) if m > 1 else 0, grads_during + notes.get("boundary", 0)),

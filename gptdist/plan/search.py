@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from gptdist.engine.ds_config import zero_buffers
 from gptdist.model.config import GPTConfig
-from gptdist.plan.hardware import Hardware
 from gptdist.parallel.layout import Layout
+from gptdist.plan.hardware import Hardware
 from gptdist.plan.memory_model import RankMemory, chunk_rows_for, predict_rank
 from gptdist.plan.shapes import rank_params
 from gptdist.plan.timing import StepTime, step_time
-from gptdist.engine.ds_config import zero_buffers
 
 
 @dataclass

@@ -33,7 +33,8 @@ def plan_table(cfg, args, hw, per_node: int, global_batch: int, plans: Sequence)
         lines.append(f"note: predictions for {hw.name} come from datasheet figures and DeepSpeed's source and have "
                      "not yet been checked against a run on that GPU (the CPU figures have: docs/performance.md)")
     lines += ["",
-              "| layout | accum | model states GiB | peak GiB | required GiB | fits | step s | tokens/s | MFU | most time |",
+              "| layout | accum | model states GiB | peak GiB | required GiB | fits | step s | tokens/s | MFU "
+              "| most time |",
               "|---|---:|---:|---:|---:|:---:|---:|---:|---:|---|"]
     for p in plans[: args.top]:
         mark = " **recommended**" if p.recommended else ""
@@ -61,7 +62,8 @@ def plan_table(cfg, args, hw, per_node: int, global_batch: int, plans: Sequence)
 def measured_table(results: List[Tuple]) -> str:
     lines = ["predicted against measured on this machine (largest rank; measured peak live tensor bytes from the "
              "memory report, peak RSS from /proc/PID/status; step time: median after the first step)", "",
-             "| layout | model states GiB pred / meas | peak GiB pred / meas | peak RSS GiB | step s pred / meas | note |",
+             "| layout | model states GiB pred / meas | peak GiB pred / meas | peak RSS GiB | step s pred / meas "
+             "| note |",
              "|---|---|---|---:|---|---|"]
     for plan, m in results:
         reports = list(m.reports.values())

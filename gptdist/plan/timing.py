@@ -30,11 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List
 
-from gptdist.model.config import GPTConfig
-from gptdist.plan.hardware import Hardware
-from gptdist.parallel.layout import Layout
-from gptdist.plan.shapes import RankParams
 from gptdist.engine.ds_config import block_numel
+from gptdist.model.config import GPTConfig
+from gptdist.parallel.layout import Layout
+from gptdist.plan.hardware import Hardware
+from gptdist.plan.shapes import RankParams
 
 MEMORY_BANDWIDTH = {"H100 SXM 80GB": 3.35e12, "H200 SXM 141GB": 4.8e12, "A100 SXM 80GB": 2.0e12,
                     "A100 SXM 40GB": 1.55e12}

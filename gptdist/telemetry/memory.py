@@ -316,17 +316,22 @@ class MemoryReport:
             tracker.log_metrics([metrics])
 
 
+def read_rank_records(folder: Path) -> Dict[int, Dict[str, Any]]:
+    """The rank_<r>.json records of a folder of per-rank reports (memory/, profile/), by rank."""
+    out = {}
+    for path in sorted(folder.glob("rank_*.json")):
+        record = json.loads(path.read_text())
+        out[int(record["rank"])] = record
+    return out
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
 
 
 def read_reports(run_dir: Path) -> Dict[int, Dict[str, Any]]:
-    """Every rank's report of a run, by rank."""
-    out = {}
-    for path in sorted((run_dir / "memory").glob("rank_*.json")):
-        record = json.loads(path.read_text())
-        out[int(record["rank"])] = record
-    return out
+    """Every rank's memory report of a run, by rank."""
+    return read_rank_records(run_dir / "memory")
 
 
 def figures(records: Iterable[Dict[str, Any]], key: str) -> List[int]:

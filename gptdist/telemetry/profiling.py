@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 
-
 class RunProfiler:
     def __init__(self, cfg, run_dir: Path, rank: int) -> None:
         self.comms, self.pipeline = cfg.comms, cfg.pipeline
@@ -81,8 +80,7 @@ class RunProfiler:
 
 
 def read_profiles(run_dir: Path) -> Dict[int, Dict[str, Any]]:
-    out = {}
-    for path in sorted((run_dir / "profile").glob("rank_*.json")):
-        record = json.loads(path.read_text())
-        out[int(record["rank"])] = record
-    return out
+    """Every rank's profile of a run, by rank."""
+    from gptdist.telemetry.memory import read_rank_records
+
+    return read_rank_records(run_dir / "profile")

@@ -81,7 +81,7 @@ class RetryingSender:
         try:
             fn()
             return True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - whatever the client raises, the run goes on
             self._failed(exc)
             return False
 

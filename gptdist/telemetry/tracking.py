@@ -205,7 +205,8 @@ def start_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dic
     except Exception as exc:  # noqa: BLE001 - any client/server failure means the same thing to the user
         message = f"MLflow tracking at {here} is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         if cfg.on_unreachable == "fail":
-            raise UserError(f"{message}; start the server, fix tracking.uri, or set tracking.on_unreachable=warn") from None
+            raise UserError(f"{message}; start the server, fix tracking.uri, or set "
+                            "tracking.on_unreachable=warn") from None
         warn(f"{message}; training on with metrics in metrics.jsonl only")
         return NullTracker()
 

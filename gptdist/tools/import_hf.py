@@ -53,7 +53,7 @@ def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
             return load_file(str(path))
         try:  # weights_only: a .bin is a pickle, and a downloaded pickle must not run code
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not plain tensors
             raise UserError(f"{path}: cannot be read as plain tensors ({str(exc).splitlines()[0]}); "
                             "convert it to model.safetensors") from None
 

@@ -36,7 +36,8 @@ def parse_drills(spec: str) -> List[Tuple[str, int, int]]:
             raise UserError(f"GPTDIST_FAULTS={spec!r}: {item!r}: unknown drill {kind!r} (known: {', '.join(KINDS)}); "
                             f"write {_FORM}")
         if not step.strip().isdigit() or not rank.strip().lstrip("-").isdigit() or int(rank) < -1:
-            raise UserError(f"GPTDIST_FAULTS={spec!r}: {item!r}: the step and rank must be whole numbers; write {_FORM}")
+            raise UserError(f"GPTDIST_FAULTS={spec!r}: {item!r}: the step and rank must be whole numbers; write "
+                            f"{_FORM}")
         drills.append((kind, int(step), int(rank)))
     return drills
 

@@ -109,7 +109,8 @@ class ColumnParallelLinear(_TPModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"(local {_local_shape(self.weight)[0]}), bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+                f"(local {_local_shape(self.weight)[0]}), bias={self.bias is not None}, "
+                f"tp={self.tp_rank}/{self.tp_size}")
 
 
 class RowParallelLinear(_TPModule):
@@ -138,7 +139,8 @@ class RowParallelLinear(_TPModule):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {_local_shape(self.weight)[1]}), out_features={self.out_features}, "
+        return (f"in_features={self.in_features} (local {_local_shape(self.weight)[1]}), "
+                f"out_features={self.out_features}, "
                 f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
 
 

@@ -33,8 +33,8 @@ from gptdist.model.config import GPTConfig
 from gptdist.model.init import canonical_name
 from gptdist.parallel.materialize import InitValues, TensorValues, materialize
 from gptdist.parallel.tp.comm import Group, tp_rank, tp_size
-from gptdist.parallel.tp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from gptdist.parallel.tp.head import VocabParallelLMHead
+from gptdist.parallel.tp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 def check_tp_divisibility(cfg: GPTConfig, tp: int) -> None:
@@ -48,7 +48,7 @@ def check_tp_divisibility(cfg: GPTConfig, tp: int) -> None:
     if cfg.ffn_dim % tp:
         problems.append(f"ffn_dim={cfg.ffn_dim} (the MLP hidden units are split across ranks)")
     if problems:
-        raise ValueError(f"tensor parallelism {tp} needs divisibility: " + "; ".join(problems) + f" not divisible by {tp}")
+        raise ValueError(f"tensor parallelism {tp} needs divisibility: {'; '.join(problems)} not divisible by {tp}")
 
 
 def shard_block(block: nn.Module, group: Group) -> None:

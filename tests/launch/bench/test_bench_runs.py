@@ -1,0 +1,28 @@
+"""The benchmarks run for real: bench train with the DeepSpeed row, bench parallel under the launcher."""
+
+from __future__ import annotations
+
+import re
+
+from gptdist.cli import main
+from tests.bench_helpers import TINY, table_rows
+
+
+def test_bench_train_command_with_the_deepspeed_row(capsys):
+    # Builds the DeepSpeed engine in a process of its own (a world of one, no launcher).
+    code = main(["bench", "train", "configs/tiny-cpu.yaml", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "1",
+                 "--skip", "transformers", "--skip", "plain-chunked", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert table_rows(out)["gptdist 1 rank (DeepSpeed ZeRO-0)"][1] != ""
+
+
+def test_bench_parallel_pipeline_and_zero1_comms(capsys, tmp_path):
+    # Three short launches of a 2-layer model: pp2, dp2 ZeRO-1, and ZeRO-1 with the comms logger.
+    code = main(["bench", "parallel", "model.n_layer=2", "model.d_model=64", "model.seq_len=32", "--steps", "3",
+                 "--layouts", "pp2,dp2 zero1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| pp2 | 2 | 1 |" in out and "| dp2 zero1 | 2 | 1 |" in out
+    assert re.search(r"\| dp2 zero1 \| reduce .*\| 2\.\d\d Ψ \| 2 Ψ \|", out), out  # gptdist's default
+    assert re.search(r"\| pp2 \| 2 \| 4 \| 20% \| stage 0: \d+%, stage 1: \d+% \|", out), out
