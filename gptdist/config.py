@@ -93,9 +93,16 @@ class TrackingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     every: int = Field(0, ge=0, description="save every N optimizer steps (0: only at the end)")
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
     at_end: bool = True
+    async_: bool = Field(True, alias="async", description="training waits only for a snapshot of the state; a "
+                                                          "background thread writes it (false: the step waits for "
+                                                          "the whole write)")
+    max_failed_saves: int = Field(3, ge=1, description="consecutive saves that may fail (a full disk) before the run "
+                                                       "stops with exit status 4")
 
 
 class ProfileConfig(_Section):
@@ -159,7 +166,7 @@ class RunConfig(_Section):
     )
 
     def to_dict(self) -> Dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)  # checkpoint.async, not the attribute's async_
 
     def digest(self) -> str:
         """A short hash of the resolved config, stored in checkpoints."""

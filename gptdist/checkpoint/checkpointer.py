@@ -1,32 +1,54 @@
-"""The Checkpointer: everything a training run does with checkpoints, behind five calls.
+"""The Checkpointer: everything a training run does with checkpoints, behind a few calls.
 
-    open()                 the newest complete checkpoint whose checksums hold (all ranks verify together), falling
-                           back past damaged ones; its state (step, data position, MLflow run, ...)
-    restore(engine, ...)   that checkpoint into the engine: same layout exactly, another layout re-cut
-    due(step, last)        whether checkpoint.every / checkpoint.at_end asks for a save after this step
-    save(step)             a complete checkpoint (manifest last, `latest` after it, older ones pruned)
-    close()                nothing left in flight
+    open()                  the newest complete checkpoint whose checksums hold (all ranks verify together), falling
+                            back past damaged ones; its state (step, data position, MLflow run, counters)
+    weights                 what the model is built from when resuming (the checkpoint's layout-free weights)
+    restore(engine, ...)    the optimizer's fp32 state, the counters and, in the same layout, each rank's random
+                            streams; the same code for any layout (checkpoint/fragments.py)
+    after_step(step, last)  saves when checkpoint.every / checkpoint.at_end ask, and completes a background save
+                            once every rank has written its part
+    save(step)              a save now (a stop signal)
+    close() / abandon()     the end of the run: the save in flight completed, or said to be lost
 
-The state saved with the weights is collected from the objects that own it (`keep_state_of`): the data feed's
-position, the telemetry's MLflow run; the checkpointer adds what it knows itself (step, config, layout, tokenizer).
+A save blocks training only for a snapshot (checkpoint.async, the default): a copy of what this rank owns; a thread
+writes it, and the checkpoint counts once rank 0 has sealed it with its manifest. One save is in flight at a time.
+The state saved with the tensors is collected from the objects that own it (`keep_state_of`): the data feed's
+position, the telemetry's MLflow run; the checkpointer adds what it knows itself.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from gptdist.checkpoint import engine_state, fragments, rng
 from gptdist.checkpoint.layout_free import LayoutFreeReader
 from gptdist.checkpoint.locate import first_verified
-from gptdist.checkpoint.resume import restore_moments, restore_same_layout, same_layout
-from gptdist.checkpoint.store import SaveContext, read_state, save_checkpoint, verify_checksums
+from gptdist.checkpoint.resume import same_layout
+from gptdist.checkpoint.safetensors_io import SafetensorsFile
+from gptdist.checkpoint.saving import BackgroundWrite, SnapshotBuffers, WriteResult, commit, take_snapshot
+from gptdist.checkpoint.store import checkpoint_root, partial_folder, read_state, storage_problem, verify_checksums
 from gptdist.config import config_changes
 
-FORMAT = 1
+FORMAT = 2
 
 
 def layout_record(layout) -> Dict[str, int]:
     return {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")}
+
+
+@dataclass
+class SaveRecord:
+    """What one completed (or failed) save cost, for metrics.jsonl and MLflow."""
+
+    step: int
+    ok: bool
+    blocking_s: float  # the longest any rank's training waited for it
+    write_s: float  # the longest any rank's background write took
+    nbytes: int  # every rank's files together
+    problem: Optional[str] = None
 
 
 class Checkpointer:
@@ -35,24 +57,30 @@ class Checkpointer:
         messages (telemetry.log.RankZeroLog); drills: train.drills.FaultDrills."""
         self.cfg, self.rank, self.candidates, self.log, self.drills = cfg, rank, candidates, log, drills
         self.tokenizer_identity = tokenizer_identity
-        self.run_dir = Path(cfg.run.dir)
+        self.root = checkpoint_root(Path(cfg.run.dir))
         self.folder: Optional[Path] = None  # the checkpoint resumed from
         self.state: Dict[str, Any] = {}
-        # Where the model's values come from when it is built: the checkpoint's layout-free weights when the layout
-        # changed (None: the initialization, which a same-layout restore then overwrites).
         self.weights: Optional[LayoutFreeReader] = None
+        self.on_record: Callable[[SaveRecord], None] = lambda record: None
+        self.failures = 0  # consecutive saves that did not complete
+        self.last: Optional[SaveRecord] = None
         self._owners: List[Any] = []
-        self._saver: Optional[SaveContext] = None
+        self._engine = self._param_names = None
+        self._buffers = SnapshotBuffers()
+        self._in_flight: Optional[BackgroundWrite] = None
+        self._state_in_flight: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ resume
 
     def open(self) -> None:
         """Collective: choose the checkpoint to resume from (none: a fresh start)."""
         world = self.rank.world
-        self.folder = first_verified(self.candidates, lambda f: verify_checksums(f, world.rank, world.size),
-                                     self.log.warn) if self.candidates else None
-        self.state = read_state(self.folder) if self.folder is not None else {}
-        if self.folder is not None and not self.same_layout:
+        if world.size > 1:
+            _cpu_group()  # created by every rank together, now, rather than at whichever call first needs it
+        if self.candidates:
+            self.folder = first_verified(self.candidates, lambda f: verify_checksums(f, world.rank, world.size),
+                                         self.log.warn)
+            self.state = read_state(self.folder)
             self.weights = LayoutFreeReader(self.folder / "model")
 
     @property
@@ -61,24 +89,26 @@ class Checkpointer:
 
     @property
     def same_layout(self) -> bool:
-        """The checkpoint was written by this very layout: restored exactly, RNG states included."""
+        """The checkpoint was written by this very layout: each rank's random streams continue too."""
         return self.folder is not None and same_layout(self.state, self.rank.layout)
 
     @property
     def fresh_streams_from(self) -> int:
         """The step from which dropout's random streams are seeded anew: 0 for a fresh start or an exact resume
-        (whose RNG states are restored), the checkpoint's step for a resume in another layout."""
+        (whose random states are restored), the checkpoint's step for a resume in another layout."""
         return 0 if self.folder is None or self.same_layout else self.start_step
 
     def restore(self, engine, param_names: Dict[int, str]) -> None:
-        """The chosen checkpoint into the engine built for this run (param_names: parameter id -> canonical name)."""
+        """The chosen checkpoint into the engine built from its weights (param_names: parameter id -> name)."""
+        self._engine, self._param_names = engine, param_names
         if self.folder is None:
             return
-        topology = self.rank.topology
+        fragments.restore(engine, param_names, self.weights, self.rank.topology, self.rank.precision)
+        engine_state.restore(engine, self.state.get("optimizer"), self.start_step, self.cfg.train)
         if self.same_layout:
-            restore_same_layout(engine, self.folder, self.rank.world.rank, self.cfg.train)
-        else:
-            restore_moments(engine, param_names, self.weights, topology, self.start_step)
+            path = self.folder / "rng" / f"rank{self.rank.world.rank:05d}.safetensors"
+            file = SafetensorsFile(path)
+            rng.restore({k: file.read(k) for k in file.keys()}, file.metadata, str(path))
         moved = "" if self.same_layout else " (layout changed: weights and optimizer moments re-cut for this layout)"
         self.log.info(f"gptdist | resumed from {self.folder} at step {self.start_step}{moved}")
         changed = [c for c in config_changes(self.state.get("config") or {}, self.cfg.to_dict())
@@ -93,35 +123,166 @@ class Checkpointer:
         """Objects with checkpoint_state() -> dict whose entries go into every checkpoint's state."""
         self._owners.extend(owners)
 
-    def attach(self, engine, param_names: Dict[int, str]) -> None:
-        world = self.rank.world
-        self._saver = SaveContext(engine, param_names, self.rank.topology, self.cfg, self.run_dir, world.rank,
-                                  world.size, self.drills)
-
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.checkpoint.every
         return bool(every and step % every == 0) or (last and self.cfg.checkpoint.at_end)
 
+    def after_step(self, step: int, last: bool) -> bool:
+        """Collective. Saves when due (True: a save of this step was started), and completes a save in flight once
+        every rank has written its part."""
+        if self.due(step, last):
+            return self.save(step)
+        self._poll()
+        return False
+
+    @property
+    def gave_up(self) -> bool:
+        return self.failures >= self.cfg.checkpoint.max_failed_saves
+
     def save(self, step: int) -> bool:
-        """Collective. True once the checkpoint of `step` is complete; False (and one error line) when it could not
-        be written, the previous checkpoints then kept as they were."""
-        state = self._state(step)
-        problem = save_checkpoint(self._saver, step, state, keep=self.cfg.checkpoint.keep)
-        if problem:
-            self.log.error(f"checkpoint of step {step} not saved: {problem}; the previous checkpoints are kept and "
-                           "training goes on (free space or fix run.dir before the next save)")
+        """Collective. Starts the save of `step` (synchronous saves also complete it). False when it cannot even
+        start (no room, run.dir not writable): counted as failed; the previous checkpoints are kept."""
+        import torch.distributed as dist
+
+        self._finish()  # one save in flight at a time
+        start = time.perf_counter()
+        world = self.rank.world
+        problem = storage_problem(self.root, world.rank)
+        if _any_rank(bool(problem)):
+            self._failed(SaveRecord(step, False, 0.0, 0.0, 0,
+                                    problem or "another rank cannot write its part of the checkpoint"))
             return False
-        self.drills.kill_if_due("kill-after-save", step)
+        folder = partial_folder(self.root, step)
+        if world.is_main and folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)  # an earlier attempt's interrupted save of the same step
+        if world.size > 1:
+            dist.barrier()
+        state = self._state(step)  # every rank: the owners' states may need a collective (the metrics' flush)
+        snapshot = take_snapshot(self._engine, self._param_names, self.rank.topology, world.rank, step,
+                                 state if world.is_main else None, self._buffers)
+        snapshot.blocking_s = time.perf_counter() - start
+        self._state_in_flight = state
+        write = BackgroundWrite(snapshot, folder, self.rank.topology.tp_rank, self.drills)
+        if self.cfg.checkpoint.async_:
+            self._in_flight = write.start()
+        else:
+            self._in_flight = write.run_here()
+            self._finish()
         return True
 
     def _state(self, step: int) -> Dict[str, Any]:
         state: Dict[str, Any] = {"format": FORMAT, "step": step, "config": self.cfg.to_dict(),
                                  "config_digest": self.cfg.digest(), "tokenizer": self.tokenizer_identity,
-                                 "layout": layout_record(self.rank.layout)}
+                                 "layout": layout_record(self.rank.layout),
+                                 "optimizer": engine_state.capture(self._engine)}
         for owner in self._owners:
             state.update(owner.checkpoint_state())
         return state
 
-    def close(self) -> None:
-        """Nothing is written in the background yet: every save is complete when save() returns."""
+    def _poll(self) -> None:
+        """Collective, only while a save is in flight: complete it once every rank's write is done."""
+        if self._in_flight is not None and not _any_rank(not self._in_flight.done()):
+            self._finish()
 
+    def _finish(self) -> Optional[SaveRecord]:
+        """Collective: wait for this rank's write, then rank 0 seals the checkpoint (or says why it could not)."""
+        write, self._in_flight = self._in_flight, None
+        if write is None:
+            return None
+        write.wait()
+        results = _gather(write.result, self.rank.world.size)
+        step = write.snapshot.step
+        problem = None
+        if self.rank.world.is_main:
+            problem = commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
+                             self.cfg.checkpoint.keep)
+        problem = _from_main(problem, self.rank.world.size)
+        record = SaveRecord(step, problem is None, max(r.blocking_s for r in results),
+                            max(r.write_s for r in results), sum(r.nbytes for r in results), problem)
+        if problem is None:
+            self.failures = 0
+            self.last = record
+            self.on_record(record)
+            self.drills.kill_if_due("kill-after-save", step)
+        else:
+            self._failed(record)
+        return record
+
+    def _failed(self, record: SaveRecord) -> None:
+        self.failures += 1
+        self.last = record
+        self.on_record(record)
+        self.log.error(f"checkpoint of step {record.step} not saved: {record.problem}; the previous checkpoints are "
+                       f"kept ({self.failures} failed save(s) in a row, checkpoint.max_failed_saves="
+                       f"{self.cfg.checkpoint.max_failed_saves}); free space or fix run.dir before the next save")
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory the snapshots hold (allocated at the first save, reused)."""
+        return self._buffers.nbytes
+
+    # --------------------------------------------------------------------------------------------------- end
+
+    def close(self) -> Optional[SaveRecord]:
+        """Collective, at the end of a run: the save in flight completed. Returns the last save's record."""
+        self._finish()
+        return self.last
+
+    def abandon(self, timeout_s: float = 120.0) -> None:
+        """After a fatal error, on this rank alone: no collective is possible any more. Wait (bounded) for this rank's
+        write, and say that the save in flight is not a checkpoint."""
+        write, self._in_flight = self._in_flight, None
+        if write is None:
+            return
+        write.wait(timeout_s)
+        self.log.error(f"the checkpoint of step {write.snapshot.step} was being written when the run failed and is "
+                       "not complete; a resume starts from the newest complete checkpoint")
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())
+
+
+def _gather(value, world_size: int) -> List[Any]:
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return [value]
+    out: List[Any] = [None] * world_size
+    dist.all_gather_object(out, value, group=_cpu_group())
+    return out
+
+
+def _from_main(value, world_size: int):
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+
+_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for the checkpoint's small agreements: CPU tensors and objects, whatever backend trains."""
+    import torch.distributed as dist
+
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _GROUP
+
+
+__all__ = ["Checkpointer", "SaveRecord", "WriteResult", "layout_record"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from gptdist.checkpoint.manifest import MANIFEST, checksum_problems, read_manifest, size_problems
-from gptdist.checkpoint.store import STATE_FILE, list_checkpoints, resume_candidates
+from gptdist.checkpoint.manifest import MANIFEST, STATE_FILE, checksum_problems, read_manifest
+from gptdist.checkpoint.store import damage, list_checkpoints, refuse_foreign, resume_candidates
 from gptdist.errors import UserError
 
 
@@ -33,13 +33,9 @@ def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -
     if not path.is_dir():
         raise UserError(f"{where} is a file; name a run directory, its checkpoints/ folder or one step_* checkpoint")
     if looks_like_checkpoint(path):
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise UserError(f"{where}: incomplete checkpoint (no {MANIFEST}: its save never finished); "
-                            "name an earlier checkpoint or the run directory")
-        problems = size_problems(path, manifest)
-        if problems:
-            raise UserError(f"{where}: damaged checkpoint: {problems[0]}")
+        problem = damage(path)
+        if problem:
+            raise UserError(f"{where}: the checkpoint is {problem}; name an earlier checkpoint or the run directory")
         return [path]
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not list_checkpoints(root):
@@ -55,8 +51,11 @@ def named_candidates(path: Path, report: Callable[[str], None], key: str = "") -
 
 
 def verify_for_reading(folder: Path, prefixes=("model/", STATE_FILE)) -> List[str]:
-    """One process: the checksums of the files a reader of the layout-free weights opens."""
-    manifest = read_manifest(folder) or {"files": {}}
+    """One process: the file set, and the checksums of the files a reader of the layout-free weights opens."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [f"no readable {MANIFEST}"]
+    refuse_foreign(folder, manifest)
     names = [n for n in manifest["files"] if n.startswith(prefixes)]
     return checksum_problems(folder, manifest, names)
 

@@ -1,45 +1,40 @@
-"""Saving a checkpoint, and finding the one to resume from.
+"""A run directory's checkpoints: their names, which are complete, which to resume from, and retention.
 
     RUN_DIR/checkpoints/
       step_00000100/
-        mp_rank_*/zero_*/layer_* ...     DeepSpeed's sharded model and optimizer files (exact same-layout resume)
-        model/                           the layout-free weights and Adam moments (any other layout, export)
-        rng/rank00000.pt ...             every rank's RNG states
-        gptdist_state.json               step, data position, config, tokenizer identity, MLflow run id, layout
-        manifest.json                    written last: every file with size and SHA-256
-      latest                             the newest complete checkpoint's name, moved after its manifest
+        model/index.json              where every tensor's fragments are (checkpoint/layout_free.py)
+        model/rank00000.safetensors   rank 0's fp32 weights and Adam moments (checkpoint/fragments.py)
+        rng/rank00000.safetensors     rank 0's random streams
+        gptdist_state.json            step, data position, config, tokenizer identity, MLflow run, layout,
+                                      the optimizer's counters
+        manifest.json                 the file set: every file with its size and SHA-256, written last
+      step_00000200.partial/          a save being written (or one a crash interrupted): never read
+      latest                          the newest complete checkpoint's name, moved after its manifest
 
-A crash or kill at any moment leaves either a complete checkpoint or a folder without a manifest, which resume
-reports and skips.
+A save is written into `step_N.partial/` and renamed to `step_N/` once its manifest is durable, so a folder named
+`step_N` either is complete or is left over from a crash in the instant of the rename (it then has no manifest and
+is reported and skipped). Older checkpoints are pruned only after the new one is in place, never below one.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
-import torch
-
-from gptdist.checkpoint.layout_free import merge_index, write_layout_free
 from gptdist.checkpoint.manifest import (
-    LATEST,
+    STATE_FILE,
     checksum_problems,
-    describe,
-    list_files,
+    foreign_entries,
     read_manifest,
     size_problems,
-    write_atomically,
-    write_manifest,
 )
+from gptdist.errors import UserError
 
-STATE_FILE = "gptdist_state.json"
 _TAG = re.compile(r"^step_(\d{8,})$")
+_PARTIAL = re.compile(r"^step_(\d{8,})\.(partial|replaced)$")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -50,86 +45,103 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# ---------------------------------------------------------------------------------------------- RNG, safely stored
+def partial_folder(root: Path, step: int) -> Path:
+    return root / f"{tag_for(step)}.partial"
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every RNG that can affect training, as tensors and plain values (loadable with weights_only=True)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    state = {
-        "python": {"version": version, "state": list(py_state), "gauss": gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+def list_checkpoints(root: Path) -> List[tuple]:
+    """(step, folder) of every step_* folder, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def refuse_foreign(folder: Path, manifest: Dict) -> None:
+    """One line for a checkpoint holding what gptdist did not write into it (planted, or put there by hand)."""
+    foreign = foreign_entries(folder, manifest)
+    if foreign:
+        raise UserError(f"checkpoint {folder} is refused: {foreign[0]}; it must hold only what gptdist wrote "
+                        "(remove that, or name another checkpoint)")
+
+
+def read_state(folder: Path) -> Dict[str, Any]:
+    """The checkpoint's state, once its checksum holds (it is small; read before any process group exists)."""
+    manifest = read_manifest(folder)
+    if manifest is None or STATE_FILE not in manifest["files"]:
+        raise UserError(f"{folder}: no {STATE_FILE} in its manifest; this is not a checkpoint gptdist wrote")
+    if checksum_problems(folder, manifest, [STATE_FILE]):
+        raise UserError(f"{folder / STATE_FILE} does not match its SHA-256 (corrupted)")
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / STATE_FILE}: not readable JSON ({type(exc).__name__})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)):
+        raise UserError(f"{folder / STATE_FILE}: not a state gptdist wrote (no step or config)")
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------------ saving
-
-
-@dataclass
-class SaveContext:
-    engine: Any
-    param_names: Dict[int, str]  # id(parameter) -> canonical name
-    topology: Any
-    cfg: Any
-    run_dir: Path
-    rank: int
-    world_size: int
-    drills: Any = None  # gptdist.train.drills.FaultDrills, for reliability drills
-
-
-def save_checkpoint(ctx: SaveContext, step: int, state: Dict[str, Any], keep: int) -> Optional[str]:
-    """Collective: every rank calls it. Returns None when saved, else why it was not (nothing was written then,
-    and the previous checkpoints stay as they were)."""
-    import torch.distributed as dist
-
-    root = checkpoint_root(ctx.run_dir)
-    tag = tag_for(step)
-    folder = root / tag
-    problem = _storage_problem(root, ctx.rank)
-    flag = torch.tensor([1.0 if problem else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        return problem or "another rank cannot write its part of the checkpoint"
-    if ctx.rank == 0 and folder.exists():
-        # Only an interrupted save can have left this folder: resume starts after the newest complete checkpoint.
-        shutil.rmtree(folder)
-    dist.barrier()
-    ctx.engine.save_checkpoint(str(root), tag=tag, client_state={"gptdist_step": step}, save_latest=False)
-    (folder / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), folder / "rng" / f"rank{ctx.rank:05d}.pt")
-    write_layout_free(ctx.engine, ctx.param_names, ctx.topology, ctx.cfg, folder / "model")
-    if ctx.drills is not None:
-        ctx.drills.kill_if_due("kill-during-save", step)
-    dist.barrier()
-    if ctx.rank == 0:
-        merge_index(folder / "model", ctx.topology.layout.tp, ctx.topology.layout.pp)
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    dist.barrier()
-    _write_manifest_together(ctx, folder, step)
-    if ctx.rank == 0:
-        write_atomically(root / LATEST, tag + "\n")
-        prune(root, keep)
-    dist.barrier()
+def damage(folder: Path) -> Optional[str]:
+    """Why a checkpoint cannot be used, found cheaply (no data read but the small state file), or None. Raises
+    UserError for files gptdist did not write."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return "incomplete (no manifest.json: its save was interrupted)"
+    refuse_foreign(folder, manifest)
+    problems = size_problems(folder, manifest)
+    if problems:
+        return f"damaged ({problems[0]})"
+    try:
+        read_state(folder)
+        _read_headers(folder, manifest)
+    except UserError as err:
+        return f"damaged ({str(err).replace(f'{folder}/', '')})"
     return None
 
 
-def _storage_problem(root: Path, rank: int) -> Optional[str]:
+def _read_headers(folder: Path, manifest: Dict) -> None:
+    """The index and every tensor file's header, checked against the file sizes: a file that is not what its name
+    says (a pickle under a safetensors name) is found here, before any process group, and nothing is unpickled."""
+    from gptdist.checkpoint.layout_free import LayoutFreeReader
+    from gptdist.checkpoint.safetensors_io import SafetensorsFile
+
+    try:
+        LayoutFreeReader(folder / "model")
+        for name in manifest["files"]:
+            if name.startswith("rng/"):
+                SafetensorsFile(folder / name)
+    except UserError as err:  # the reasons name files by their full path: here, by their name in the checkpoint
+        raise UserError(str(err).replace(f"{folder}/", "").split("; the checkpoint is damaged")[0]) from None
+
+
+def resume_candidates(root: Path, report: Callable[[str], None]) -> List[Path]:
+    """Complete-looking checkpoints, newest first. Interrupted or damaged ones are reported and left out; data
+    checksums are verified later, by all ranks together (verify_checksums)."""
+    out = []
+    for _, folder in list_checkpoints(root):
+        problem = damage(folder)
+        if problem:
+            report(f"checkpoint {folder} is {problem}; skipping it")
+            continue
+        out.append(folder)
+    return out
+
+
+def verify_checksums(folder: Path, rank: int, world_size: int) -> List[str]:
+    """Collective: every rank checks every world_size-th file; returns all problems found, on every rank."""
+    import torch.distributed as dist
+
+    manifest = read_manifest(folder)
+    names = sorted(manifest["files"])[rank::world_size]
+    mine = checksum_problems(folder, manifest, names)
+    if world_size == 1:
+        return mine
+    gathered: List[Optional[List[str]]] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return [p for part in gathered for p in part]
+
+
+def storage_problem(root: Path, rank: int) -> Optional[str]:
     """Can this rank write a checkpoint as large as the newest complete one? Asked before writing anything, so
     a full disk or a read-only run directory costs this checkpoint, never the previous ones."""
     try:
@@ -149,75 +161,20 @@ def _storage_problem(root: Path, rank: int) -> Optional[str]:
     return None
 
 
-def _write_manifest_together(ctx: SaveContext, folder: Path, step: int) -> None:
-    import torch.distributed as dist
-
-    files: List[Optional[List[str]]] = [list_files(folder) if ctx.rank == 0 else None]
-    dist.broadcast_object_list(files, src=0)
-    names = files[0][ctx.rank :: ctx.world_size]
-    mine = describe(folder, names)
-    gathered: List[Optional[Dict]] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, mine)
-    if ctx.rank == 0:
-        merged: Dict[str, Dict] = {}
-        for part in gathered:
-            merged.update(part)
-        write_manifest(folder, dict(sorted(merged.items())), step)
-
-
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and interrupted saves older than those."""
+    """Keep the newest `keep` complete checkpoints (at least one); drop older ones, and interrupted saves and
+    leftovers older than the oldest kept."""
     found = list_checkpoints(root)
     complete = [(s, f) for s, f in found if read_manifest(f) is not None]
-    kept = {f for _, f in complete[:keep]}
-    oldest_kept = min((s for s, f in complete[:keep]), default=None)
+    kept = complete[:max(1, keep)]
+    if not kept:
+        return
+    oldest_kept = kept[-1][0]
+    names = {f for _, f in kept}
     for step, folder in found:
-        if folder in kept:
-            continue
-        older = oldest_kept is not None and step < oldest_kept
-        if older or read_manifest(folder) is not None:
+        if folder not in names and (step < oldest_kept or read_manifest(folder) is not None):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------------ finding
-
-
-def list_checkpoints(root: Path) -> List[tuple]:
-    """(step, folder) of every step_* folder, newest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def read_state(folder: Path) -> Dict[str, Any]:
-    return json.loads((folder / STATE_FILE).read_text())
-
-
-def resume_candidates(root: Path, report: Callable[[str], None]) -> List[Path]:
-    """Complete-looking checkpoints, newest first. Interrupted or truncated ones are reported and left out;
-    checksums are verified later by all ranks together (verify_checksums)."""
-    out = []
-    for _, folder in list_checkpoints(root):
-        manifest = read_manifest(folder)
-        if manifest is None:
-            report(f"checkpoint {folder} is incomplete (no manifest: its save was interrupted); skipping it")
-            continue
-        problems = size_problems(folder, manifest)
-        if problems:
-            report(f"checkpoint {folder} is damaged ({problems[0]}); skipping it")
-            continue
-        out.append(folder)
-    return out
-
-
-def verify_checksums(folder: Path, rank: int, world_size: int) -> List[str]:
-    """Collective: every rank checks every world_size-th file; returns all problems found, on every rank."""
-    import torch.distributed as dist
-
-    manifest = read_manifest(folder)
-    names = sorted(manifest["files"])[rank::world_size]
-    mine = checksum_problems(folder, manifest, names)
-    gathered: List[Optional[List[str]]] = [None] * world_size
-    dist.all_gather_object(gathered, mine)
-    return [p for part in gathered for p in part]
+    for leftover in root.iterdir():
+        m = _PARTIAL.match(leftover.name)
+        if m and int(m.group(1)) < oldest_kept:
+            shutil.rmtree(leftover, ignore_errors=True)

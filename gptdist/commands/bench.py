@@ -45,6 +45,27 @@ def register_bench_commands(bench_subparsers: Any) -> None:
     p.add_argument("--no-comms", action="store_true", help="skip the comms-logger runs")
     p.set_defaults(func=_parallel)
 
+    c = bench_subparsers.add_parser(
+        "checkpoint",
+        help="what a save costs training, with checkpoint.async on and off, and the bytes per parameter",
+        description="Short runs of a ~60 M-parameter model under launch/train.sh saving every few steps, background "
+        "writer on and off, interleaved: seconds training waited per save, write seconds, bytes on disk.")
+    c.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="recipe for data and tokenizer")
+    c.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model.n_layer=4 for a smaller model)")
+    c.add_argument("--ranks", type=int, default=2, help="ranks (default 2)")
+    c.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
+    c.add_argument("--every", type=int, default=2, help="steps between saves (default 2)")
+    c.add_argument("--repeats", type=int, default=1, help="runs per mode, interleaved (default 1)")
+    c.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped (default 900)")
+    c.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed after)")
+    c.set_defaults(func=_checkpoint)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from gptdist.bench.checkpoint import run_bench_checkpoint
+
+    return run_bench_checkpoint(args)
+
 
 def _train(args: argparse.Namespace) -> int:
     from gptdist.bench.train import run_bench_train

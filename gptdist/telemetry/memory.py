@@ -180,6 +180,8 @@ class MemoryReport:
         self._hooks: list = []
         self._pending: Optional[Dict[str, Dict[str, int]]] = None
         self._steps_done = 0  # optimizer steps this process has finished
+        # Host memory the run keeps outside the model states (the checkpoint snapshot): name -> bytes now.
+        self.host_buffers: Dict[str, Callable[[], int]] = {}
 
     def start(self) -> None:
         if not self.enabled:
@@ -281,6 +283,9 @@ class MemoryReport:
         self._update_peaks()
 
     def _update_peaks(self) -> None:
+        for name, nbytes in self.host_buffers.items():
+            self.record.setdefault("host_buffers", {})[name] = max(nbytes(), self.record.get("host_buffers", {})
+                                                                   .get(name, 0))
         if self._tracker is not None:
             self.record["peak_live_bytes"] = self._tracker.peak()
         self.record["peak_rss_bytes"] = process_memory().get("peak_rss_bytes")

@@ -72,6 +72,16 @@ class Telemetry:
         """Close the logging window now (collective): the steps' times end here."""
         self.reporter.flush()
 
+    def record_checkpoint(self, record) -> None:
+        """A save that completed or failed (checkpoint.checkpointer.SaveRecord): what it cost training (seconds the
+        step waited), the background write's seconds and the bytes every rank wrote, under the save's step."""
+        if self.metrics is None:
+            return
+        entry = {"step": record.step, "checkpoint_saved": record.ok, "checkpoint_blocking_s": record.blocking_s,
+                 "checkpoint_write_s": record.write_s, "checkpoint_bytes": record.nbytes}
+        self.metrics.write([entry])
+        self.tracker.log_metrics([entry])
+
     def checkpoint_state(self) -> Dict[str, Any]:
         """What a checkpoint records of the reporting: the MLflow run to continue. metrics.jsonl is brought up to
         the checkpoint's step first, so a resume that truncates it after that step loses nothing."""
@@ -127,8 +137,8 @@ def _open_outputs(cfg, resumed: Optional[Dict[str, Any]], start_step: int, log: 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    truncate_metrics(run_dir / "metrics.jsonl", start_step, log.warn)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", log.warn)
     tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()),
                             resumed=resumed, warn=log.warn)
     tracker.log_artifact(run_dir / "config.yaml")

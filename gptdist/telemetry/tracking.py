@@ -113,6 +113,10 @@ class MlflowTracker(NullTracker):
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
             try:
+                if getattr(self.monitor, "_logging_step", 1) == 0:
+                    # A run shorter than one sampling interval: MLflow's sampler would stop without logging its
+                    # first sample; log it, so that every run has its system metrics.
+                    self.monitor.publish_metrics(self.monitor.aggregate_metrics())
                 self.monitor.finish()
             except Exception:  # noqa: BLE001
                 pass

@@ -14,8 +14,20 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from gptdist.checkpoint.manifest import LATEST, describe, list_files, write_atomically, write_manifest
-from gptdist.checkpoint.store import STATE_FILE, checkpoint_root, list_checkpoints, tag_for
+from gptdist.checkpoint.checkpointer import FORMAT
+from gptdist.checkpoint.layout_free import build_index, tensor_key
+from gptdist.checkpoint.manifest import (
+    LATEST,
+    STATE_FILE,
+    describe,
+    fsync_dir,
+    list_files,
+    write_atomically,
+    write_durably,
+    write_manifest,
+)
+from gptdist.checkpoint.safetensors_io import write_safetensors
+from gptdist.checkpoint.store import checkpoint_root, list_checkpoints, tag_for
 from gptdist.errors import UserError
 
 _TAG = re.compile(r"^step_\d{8,}$")
@@ -132,14 +144,17 @@ def prepare_target(folder: Path, force: bool, *, alone: bool) -> None:
 
 
 def write_weights(model, folder: Path) -> None:
-    """The layout-free form of a one-rank (tp=1, pp=1) save, weights only."""
-    from safetensors.torch import save_file
-
+    """The layout-free form of a one-rank (tp=1, pp=1) save, weights only: each parameter one whole fragment."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
-    save_file(tensors, str(folder / "tp0_pp0.safetensors"))
-    params = {name: {"partition_dim": None, "stride": 1, "stage": 0} for name in tensors}
-    (folder / "index.json").write_text(json.dumps({"tp": 1, "pp": 1, "params": params}, indent=1))
+    tensors, pieces, fragments = {}, {}, []
+    for name, p in model.named_parameters():
+        tensors[tensor_key("weight", name, 0)] = p.detach().float().cpu().reshape(-1).contiguous()
+        pieces[name] = {"shape": list(p.shape), "partition_dim": None, "stride": 1, "stage": 0}
+        fragments.append((name, 0, p.numel()))
+    write_safetensors(folder / "rank00000.safetensors", tensors)
+    index = build_index(1, [("model/rank00000.safetensors", pieces, fragments)], [0])
+    write_durably(folder / "index.json", json.dumps(index).encode())
+    fsync_dir(folder)
 
 
 def import_hf(hf_dir: Path, out: Path, recipe: Optional[str] = None, overrides: Sequence[str] = (),
@@ -168,11 +183,12 @@ def import_hf(hf_dir: Path, out: Path, recipe: Optional[str] = None, overrides: 
     prepare_target(folder, force, alone=folder != out)
     write_weights(model, folder / "model")
     state: Dict[str, Any] = {
-        "format": 1, "step": 0, "data_state": {}, "config": cfg.to_dict(), "config_digest": cfg.digest(),
-        "tokenizer": tok.identity, "mlflow_run_id": None, "layout": None,
+        "format": FORMAT, "step": 0, "data_state": {}, "config": cfg.to_dict(), "config_digest": cfg.digest(),
+        "tokenizer": tok.identity, "mlflow_run_id": None, "layout": None, "optimizer": None,
         "imported_from": str(hf_dir.resolve()),
     }
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    write_durably(folder / STATE_FILE, json.dumps(state, indent=1).encode())
+    fsync_dir(folder)
     write_manifest(folder, describe(folder, list_files(folder)), 0)  # last: the checkpoint is complete
     write_atomically(folder.parent / LATEST, folder.name + "\n")
     return folder

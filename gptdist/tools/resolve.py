@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from gptdist.checkpoint.locate import first_verified, named_candidates, verify_for_reading
-from gptdist.checkpoint.store import STATE_FILE, read_state
+from gptdist.checkpoint.manifest import STATE_FILE
+from gptdist.checkpoint.store import read_state
 from gptdist.errors import UserError
 
 INDEX = Path("model") / "index.json"

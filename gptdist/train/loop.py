@@ -13,9 +13,15 @@ from gptdist.train.run import Run, build_run
 
 
 def train(cfg: RunConfig) -> int:
-    """The exit status of this rank: 0 finished or stopped (resumable), 3 too many bad steps."""
+    """The exit status of this rank: 0 finished or stopped (resumable), 3 too many bad steps, 4 not saved."""
     run = build_run(cfg)
-    return outcome.tear_down(run_steps(run), run)
+    try:
+        ending = run_steps(run)
+    except BaseException:
+        run.checkpointer.abandon()  # no collective is possible now: say what the save in flight will not be
+        run.lock.release()
+        raise
+    return outcome.tear_down(ending, run)
 
 
 def run_steps(run: Run) -> Outcome:
@@ -29,7 +35,9 @@ def run_steps(run: Run) -> Outcome:
         if validator.due(step, last):
             telemetry.flush()  # the steps' times end here, before the validation's
             telemetry.record_validation(step, *validator.run(run.engine))
-        saved = checkpointer.due(step, last) and checkpointer.save(step)
+        saved = checkpointer.after_step(step, last)  # a save when due; one in flight completed when written
+        if checkpointer.gave_up:
+            return outcome.saves_failed(step, checkpointer.failures, run.cfg.checkpoint.max_failed_saves, run.run_dir)
         if not last and stop.agreed(run.engine.device):
             if not saved:
                 checkpointer.save(step)

@@ -5,6 +5,10 @@
                 (the job resumes from there)
     bad steps   train.max_bad_steps non-finite losses in a row: nothing saved (the newest checkpoint is the last
                 good one), FAILED, exit 3
+    not saved   the checkpoint that would end the run (the last step's, a stop's) could not be written, or
+                checkpoint.max_failed_saves saves failed in a row: not_saved.json instead of a completion record,
+                FAILED, exit 4, so that a scheduler runs the job again (it resumes from the newest complete checkpoint;
+                slurm/train.sbatch requeues itself)
 
 Every rank runs the teardown: the loader's workers, the checkpoint writer, the memory report and the profiler
 close on every rank; rank 0 closes metrics.jsonl, writes the record and ends the MLflow run; all ranks leave
@@ -19,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 COMPLETE_FILE = "run_complete.json"
 STOPPED_FILE = "stopped.json"
+NOT_SAVED_FILE = "not_saved.json"  # slurm/train.sbatch requeues a job that leaves it (bounded)
 
 
 @dataclass
@@ -30,11 +35,11 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.kind == "bad steps"
+        return self.kind in ("bad steps", "not saved")
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.failed else 0
+        return {"bad steps": 3, "not saved": 4}.get(self.kind, 0)
 
     @property
     def mlflow_status(self) -> str:
@@ -46,12 +51,14 @@ class Outcome:
             return COMPLETE_FILE, {"steps": self.step, "mlflow_run_id": mlflow_run_id}
         if self.kind == "stopped":
             return STOPPED_FILE, {"step": self.step, "signal": self.signal}
+        if self.kind == "not saved":
+            return NOT_SAVED_FILE, {"step": self.step, "reason": self.message}
         return None
 
 
 def clear_records(run_dir: Path) -> None:
     """Rank 0, as a run starts: the records of an earlier attempt no longer describe this run."""
-    for name in (STOPPED_FILE, COMPLETE_FILE):
+    for name in (STOPPED_FILE, COMPLETE_FILE, NOT_SAVED_FILE):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -70,12 +77,29 @@ def bad_steps(step: int, consecutive: int, limit: int, run_dir: Path) -> Outcome
                    "last good one. Lower train.lr, raise train.warmup_steps or check the data, then resume")
 
 
-def tear_down(outcome: Outcome, run) -> int:
+def saves_failed(step: int, failures: int, limit: int, run_dir: Path) -> Outcome:
+    return Outcome("not saved", step, f"stopping at step {step}: {failures} checkpoints in a row could not be saved "
+                   f"(checkpoint.max_failed_saves={limit}); the newest complete one is in {run_dir / 'checkpoints'}. "
+                   "Free space or fix run.dir, then run again: it resumes from there")
+
+
+def unsaved(ending: Outcome, problem: str, run_dir: Path) -> Outcome:
+    """A run that finished or stopped, but whose last checkpoint was not written: its work since the newest complete
+    checkpoint would be lost, so it must not count as done."""
+    return Outcome("not saved", ending.step, f"the checkpoint of step {ending.step} that ends this run was not saved "
+                   f"({problem}); the run is not complete: run it again and it resumes from the newest complete "
+                   f"checkpoint in {run_dir / 'checkpoints'}", ending.signal)
+
+
+def tear_down(ending: Outcome, run) -> int:
     """Every rank, whatever the outcome (run: train.run.Run). Returns the exit status."""
     import torch.distributed as dist
 
     run.feed.close()
-    run.checkpointer.close()
-    run.telemetry.close(outcome)
+    last = run.checkpointer.close()
+    if ending.kind in ("finished", "stopped") and last is not None and last.step == ending.step and not last.ok:
+        ending = unsaved(ending, last.problem or "unknown", run.run_dir)
+    run.telemetry.close(ending)
+    run.lock.release()
     dist.barrier()
-    return outcome.exit_code
+    return ending.exit_code

@@ -6,7 +6,9 @@
     precision on this device
     data: sources, tokenizer, vocabulary; the held-out source of eval.data -> data/checks.py, data/held_out.py
     resume: which checkpoints, and whether they fit the config            -> checkpoint/resume.py
-    tracking: the server can be reached (http URIs)                        -> train/tracking.py
+    tracking: the server can be reached (http URIs)                        -> telemetry/tracking.py
+    the fault drills asked for in GPTDIST_FAULTS                           -> train/drills.py
+    run.dir: no other live job holds it (rank 0 of `train` then takes it)  -> train/run_lock.py
 
 Each refusal is a UserError: one line, exit status 2, nothing written.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -22,6 +25,9 @@ from typing import Callable, List, Optional
 from gptdist.config import RunConfig
 from gptdist.errors import UserError
 from gptdist.parallel.layout import Layout
+from gptdist.telemetry.metrics_file import read_metrics
+from gptdist.train.drills import parse_drills
+from gptdist.train.run_lock import RunLock
 
 
 @dataclass
@@ -30,11 +36,13 @@ class Preflight:
     tokenizer: object  # gptdist.data.tokenizer.Tokenizer
     candidates: List[Path]  # checkpoints to resume from, newest first (empty: a fresh start)
     tracking_warning: Optional[str]  # the server cannot be reached and tracking.on_unreachable=warn
+    lock: RunLock  # run.dir's lock: held by rank 0 of `gptdist train`, only checked otherwise
 
 
-def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *, probe_tracking: bool = True
-              ) -> Preflight:
-    """report: where warnings about skipped (damaged or incomplete) checkpoints go."""
+def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *, probe_tracking: bool = True,
+              take_lock: bool = False) -> Preflight:
+    """report: where warnings about skipped (damaged or incomplete) checkpoints go. take_lock: rank 0 of a training
+    run takes run.dir's lock, last, once nothing else can refuse the run."""
     from gptdist.checkpoint.resume import plan_resume
     from gptdist.data import check_data
 
@@ -53,7 +61,16 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
         from gptdist.telemetry.tracking import preflight as tracking_preflight
 
         warning = tracking_preflight(cfg.tracking, Path(cfg.run.dir))
-    return Preflight(layout, tokenizer, candidates, warning)
+    parse_drills(os.environ.get("GPTDIST_FAULTS", ""))
+    metrics = Path(cfg.run.dir) / "metrics.jsonl"
+    if metrics.is_file():
+        read_metrics(metrics)  # a damaged line other than a torn last one is refused now, not after the ranks start
+    lock = RunLock(Path(cfg.run.dir))
+    if take_lock:
+        lock.acquire(report)
+    else:
+        lock.check()
+    return Preflight(layout, tokenizer, candidates, warning, lock)
 
 
 def check_precision(cfg: RunConfig) -> None:

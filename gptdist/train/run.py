@@ -31,6 +31,7 @@ from gptdist.train import outcome
 from gptdist.train.drills import FaultDrills
 from gptdist.train.feed import DataFeed
 from gptdist.train.preflight import preflight
+from gptdist.train.run_lock import RunLock
 from gptdist.train.seeding import seed_rank
 from gptdist.train.stepper import Stepper
 from gptdist.train.stop import StopRequest
@@ -50,6 +51,7 @@ class Run:
     validator: Union[Validator, NoValidation]
     checkpointer: Checkpointer
     stop: StopRequest
+    lock: RunLock  # run.dir's, held by rank 0
 
     @property
     def start_step(self) -> int:
@@ -68,7 +70,15 @@ def build_run(cfg: RunConfig) -> Run:
     world = discover_world()
     log = RankZeroLog(world.is_main)
     # Everything that can be refused is refused here, before any rank waits on another (`gptdist check` too).
-    checked = preflight(cfg, world.size, log.warn, probe_tracking=world.is_main)
+    checked = preflight(cfg, world.size, log.warn, probe_tracking=world.is_main, take_lock=world.is_main)
+    try:
+        return _build(cfg, world, log, checked)
+    except BaseException:
+        checked.lock.release()
+        raise
+
+
+def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     if checked.tracking_warning:
         log.warn(checked.tracking_warning)
         cfg.tracking.enabled = False
@@ -95,7 +105,8 @@ def build_run(cfg: RunConfig) -> Run:
     feed = DataFeed(cfg, rank, Path(cfg.run.dir), checkpointer.state.get("data_state"))
     validator = Validator(cfg, rank, checked.tokenizer, log) if cfg.eval.enabled else NoValidation()
     checkpointer.keep_state_of(feed, telemetry)
-    checkpointer.attach(engine, param_names)
+    checkpointer.on_record = telemetry.record_checkpoint
+    memory.host_buffers["checkpoint_snapshot"] = lambda: checkpointer.snapshot_bytes
     engine.train()
     return Run(cfg, rank, engine, Stepper(engine, step_fn, feed.batches, drills), feed, telemetry, validator,
-               checkpointer, StopRequest())
+               checkpointer, StopRequest(), checked.lock)

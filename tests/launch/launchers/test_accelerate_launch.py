@@ -112,7 +112,7 @@ def test_zero2_under_accelerate_matches_the_deepspeed_launcher(tmp_path, corpus,
     # The gradient norms exceed 0.5, so clipping shaped every step: equal losses mean the same clipping was applied.
     from gptdist.telemetry.metrics_file import read_metrics
 
-    assert all(r["grad_norm"] > 0.5 for r in read_metrics(under_accelerate / "metrics.jsonl"))
+    assert all(r["grad_norm"] > 0.5 for r in read_metrics(under_accelerate / "metrics.jsonl") if "loss" in r)
     _bitwise_equal(under_deepspeed, under_accelerate)
 
 

@@ -1,6 +1,7 @@
 """Faults under the real launcher on CPU: a dead rank, NaN losses, a run that does not recover, and SIGTERM."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -28,7 +29,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, corpus, tokenizer_path):
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 12, "log_every": 4},
                           parallel={"zero_stage": 1}, tracking={"enabled": True})
     assert_ok(launch(recipe, ranks=2, env={"GPTDIST_FAULTS": "nan-loss@5"}))
-    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert records[5]["skipped"] and records[5]["loss"] is None and records[5]["bad_steps"] == 1
     assert all(records[s]["loss"] is not None and not records[s]["skipped"] for s in range(6, 13))
     assert records[12]["bad_steps"] == 1
@@ -84,25 +85,40 @@ def test_sigterm_saves_and_resume_continues_bitwise(tmp_path, corpus, tokenizer_
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 5 MB filesystem (tmpfs), so a checkpoint save meets a full disk for real."""
+    """A real 2.5 MB filesystem (tmpfs): room for one checkpoint of the tiny model (1.7 MB), not for two."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_full_disk_keeps_previous_checkpoint(small_disk, tmp_path, corpus, tokenizer_path):
+def test_full_disk_keeps_the_previous_checkpoint_and_an_unsaved_end_is_not_complete(small_disk, tmp_path, corpus,
+                                                                                    tokenizer_path):
     run = small_disk / "run"
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 12},
                           checkpoint={"every": 4})
     proc = train_single(recipe)
-    assert_ok(proc)
+    # Step 8's save is refused before writing (no room for a second checkpoint); so is the final one, and a run
+    # whose last checkpoint is missing is not complete: exit 4, no run_complete.json, so a scheduler runs it again.
+    assert proc.returncode == 4, proc.stderr[-3000:]
     assert "checkpoint of step 8 not saved" in proc.stderr and "MB free" in proc.stderr
+    assert "the checkpoint of step 12 that ends this run was not saved" in proc.stderr
+    assert not (run / "run_complete.json").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     folder = run / "checkpoints" / "step_00000004"
     manifest = read_manifest(folder)
     assert checksum_problems(folder, manifest, list(manifest["files"])) == []
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, 13))
+    # A second run on the same full disk: with no checkpoint of its own to size against, its saves start and fail
+    # as they are written (no space left); after checkpoint.max_failed_saves of them in a row it stops.
+    recipe = write_recipe(tmp_path / "r2.yaml", corpus, tokenizer_path, small_disk / "run2", train={"steps": 40},
+                          checkpoint={"every": 2, "max_failed_saves": 2})
+    proc = train_single(recipe)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "No space left on device" in proc.stderr
+    # The second failure is known once its background write has failed: at step 4's save or a step after it.
+    assert re.search(r"stopping at step [4-9]: 2 checkpoints in a row could not be saved", proc.stderr)
+    assert not list((small_disk / "run2" / "checkpoints").glob("step_*"))

@@ -79,10 +79,10 @@ CASES = [
     (["model.vocab_size=1024"], ["resume", "model.vocab_size=512", "1024"]),
     (["model.n_layer=3"], ["resume", "model.n_layer=2"]),
     (["resume=never"], ["resume=never", "already holds checkpoints"]),
-    (["resume={bad}/no_such_checkpoint"], ["no_such_checkpoint", "no such checkpoint"]),
-    (["resume={bad}"], ["no complete checkpoint"]),
-    (["resume={torn}"], ["no manifest.json"]),
-    (["resume={truncated}"], ["damaged", "truncated"]),
+    (["resume={bad}/no_such_checkpoint", "run.dir={fresh}"], ["no_such_checkpoint", "no such checkpoint"]),
+    (["resume={bad}", "run.dir={fresh}"], ["no complete checkpoint"]),
+    (["resume={torn}", "run.dir={fresh}"], ["no manifest.json"]),
+    (["resume={truncated}", "run.dir={fresh}"], ["damaged", "truncated"]),
     (["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9", "tracking.on_unreachable=fail"],
      ["127.0.0.1:9", "cannot be reached"]),
     (["train.steps"], ["override 'train.steps'", "section.key=value"]),
@@ -102,9 +102,11 @@ def test_bad_input(overrides, words, existing_run, tmp_path, corpus, tokenizer_p
         shutil.copytree(checkpoint, torn)
         (torn / "manifest.json").unlink()
         shutil.copytree(checkpoint, truncated)
-        shard = sorted((truncated / "model").glob("tp0_pp0*.safetensors"))[0]
+        shard = sorted((truncated / "model").glob("rank*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:100])
-    fill = {"bad": str(bad), "torn": str(torn), "truncated": str(truncated), "run": str(run)}
+    # resume=PATH seeds only a run directory without checkpoints of its own: those cases name a new one.
+    fill = {"bad": str(bad), "torn": str(torn), "truncated": str(truncated), "run": str(run),
+            "fresh": str(tmp_path / "fresh")}
     filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
     world = next((int(o.split("=")[1]) for o in overrides if o.startswith("world=")), 1)
     before = _snapshot(run)
@@ -125,6 +127,7 @@ def test_bad_input(overrides, words, existing_run, tmp_path, corpus, tokenizer_p
     for word in words:
         assert word in lines["train"], lines["train"]
     assert _snapshot(run) == before
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_unknown_config_file(capsys):

@@ -6,11 +6,13 @@ The multi-rank runs that build stages for real are the layout, resume and memory
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from gptdist.checkpoint.layout_free import LayoutFreeReader
+from gptdist.checkpoint.layout_free import LayoutFreeReader, build_index, tensor_key
+from gptdist.checkpoint.safetensors_io import write_safetensors
 from gptdist.model import GPT, GPTConfig
 from gptdist.parallel.materialize import CheckpointValues, InitValues, materialize
 from gptdist.parallel.pipeline import BlockLayer, FinalNormLayer, PositionLayer, StageLayers, TokenEmbeddingLayer
@@ -41,25 +43,35 @@ def test_stage_layers_build_their_piece_with_the_full_models_values():
             assert value.gptdist_name == name
             torch.testing.assert_close(value, full[name], rtol=0, atol=0)
     # One block's layer holds one block: nothing of the other blocks, the embedding or the head.
-    assert sum(p.numel() for p in BlockLayer(build,
-                                             2).parameters()) == sum(p.numel() for p in GPT(CFG).blocks[2].parameters())
+    one_block = sum(p.numel() for p in BlockLayer(build, 2).parameters())
+    assert one_block == sum(p.numel() for p in GPT(CFG).blocks[2].parameters())
 
 
-def _save_pieces(folder, tensors, tp, files_per_rank=2):
-    """A layout-free folder as `tp` tensor-parallel ranks would write it, each rank's tensors over several files."""
-    import json
-
+def _save_pieces(folder, tensors, tp, dp=2):
+    """A layout-free folder as tp x dp ranks would write it under ZeRO: each tensor-parallel piece, flattened, cut
+    into `dp` contiguous fragments at uneven offsets, each fragment in its writer's file."""
     folder.mkdir(parents=True)
-    names = sorted(tensors)
+    per_rank = []
     for r in range(tp):
-        pieces = {n: shard(tensors[n], partition(n) if tp > 1 else Partition(None, 1), r,
-                           tp).contiguous() for n in names}
-        for f in range(files_per_rank):
-            part = {n: pieces[n] for n in names[f::files_per_rank]}
-            save_file(part, str(folder / f"tp{r}_pp0_dp{f}_000.safetensors"))
-    params = {n: {"partition_dim": (partition(n) if tp > 1 else Partition(None, 1)).dim,
-                  "stride": (partition(n) if tp > 1 else Partition(None, 1)).stride, "stage": 0} for n in names}
-    (folder / "index.json").write_text(json.dumps({"tp": tp, "pp": 1, "params": params}))
+        for d in range(dp):
+            file, files = f"model/rank{r * dp + d:05d}.safetensors", {}
+            pieces, fragments = {}, []
+            for n in sorted(tensors):
+                split = partition(n) if tp > 1 else Partition(None, 1)
+                if split.dim is None and r > 0:
+                    continue  # replicated: tensor-parallel rank 0 writes it
+                piece = shard(tensors[n], split, r, tp).contiguous()
+                pieces[n] = {"shape": list(piece.shape), "partition_dim": split.dim, "stride": split.stride,
+                             "stage": 0}
+                cut = [0, piece.numel() // 3, piece.numel()]  # two fragments of unequal size
+                lo, hi = cut[d], cut[d + 1]
+                if lo < hi:
+                    files[tensor_key("weight", n, lo)] = piece.reshape(-1)[lo:hi].clone()
+                    fragments.append((n, lo, hi - lo))
+            write_safetensors(folder.parent / file, files)
+            per_rank.append(((file, pieces, fragments), r))
+    index = build_index(tp, [x for x, _ in per_rank], [r for _, r in per_rank])
+    (folder / "index.json").write_text(json.dumps(index))
 
 
 @pytest.mark.parametrize("saved_tp", [1, 2, 4])
@@ -80,8 +92,8 @@ def test_a_stage_materialized_from_a_checkpoint_reads_only_its_own_tensors(tmp_p
     _save_pieces(tmp_path / "model", tensors, 2)
     reader = LayoutFreeReader(tmp_path / "model")
     asked = []
-    original = reader._slice
-    monkeypatch.setattr(reader, "_slice", lambda r, name: asked.append(name) or original(r, name))
+    original = reader.saved_range
+    monkeypatch.setattr(reader, "saved_range", lambda name, *a, **k: asked.append(name) or original(name, *a, **k))
     build = StageLayers(CFG, None, torch.device("cpu"), CheckpointValues(reader))
     block = BlockLayer(build, 2).block
     assert asked and all(name.startswith("blocks.2.") for name in asked)
@@ -98,32 +110,5 @@ def test_materialize_refuses_a_value_of_the_wrong_shape():
 
         materialize(model, TensorValues(dict(GPT(other, seed=1).named_parameters())), device="cpu")
     materialize(model, InitValues(CFG, 1), device="cpu")  # the model is still usable
-    torch.testing.assert_close(model(torch.zeros(1, 4, dtype=torch.long)), GPT(CFG, seed=1)(torch.zeros(1, 4,
-                                                                                                        dtype=torch.long)))
-
-
-def test_safetensors_slices_equal_the_library_reader(tmp_path):
-    from safetensors.torch import load_file
-
-    from gptdist.checkpoint.safetensors_slices import SafetensorsFile
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(6, 10, generator=g), "b": torch.randn(4, 3, 5, generator=g).to(torch.bfloat16),
-               "c": torch.arange(7, dtype=torch.int64), "s": torch.tensor(2.5)}
-    save_file(tensors, str(tmp_path / "t.safetensors"))
-    ref = load_file(str(tmp_path / "t.safetensors"))
-    f = SafetensorsFile(tmp_path / "t.safetensors")
-    assert sorted(f.keys()) == sorted(tensors)
-    for name, value in ref.items():
-        torch.testing.assert_close(f.read(name), value, rtol=0, atol=0)
-    torch.testing.assert_close(f.read("a", 0, 2, 5), ref["a"][2:5], rtol=0, atol=0)
-    torch.testing.assert_close(f.read("a", 1, 3, 9), ref["a"][:, 3:9], rtol=0, atol=0)
-    torch.testing.assert_close(f.read("b", 1, 1, 3), ref["b"][:, 1:3], rtol=0, atol=0)
-    torch.testing.assert_close(f.read("b", 2, 0, 2), ref["b"][:, :, 0:2], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="outside"):
-        f.read("a", 0, 4, 9)
-    truncated = tmp_path / "cut.safetensors"
-    truncated.write_bytes((tmp_path / "t.safetensors").read_bytes()[:-40])
-    with pytest.raises(ValueError, match="truncated"):
-        cut = SafetensorsFile(truncated)
-        [cut.read(name) for name in cut.keys()]
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    torch.testing.assert_close(model(ids), GPT(CFG, seed=1)(ids))

@@ -103,8 +103,9 @@ def test_resolver_errors_and_newest_complete_checkpoint(imported, tmp_path, caps
     shutil.copytree(src, run / "checkpoints" / "step_00000009")
     (run / "checkpoints" / "step_00000009" / "manifest.json").unlink()
     assert "no complete checkpoint" in user_error(capsys, "generate", run, "--prompt", "x")
-    assert "incomplete checkpoint" in user_error(capsys, "generate", run / "checkpoints" / "step_00000009",
-                                                 "--prompt", "x")
+    assert "checkpoint is incomplete (no manifest.json" in user_error(capsys, "generate",
+                                                                      run / "checkpoints" / "step_00000009",
+                                                                      "--prompt", "x")
     # An older complete one is what the run (and its checkpoints folder) stands for.
     shutil.copytree(src, run / "checkpoints" / "step_00000005")
     from gptdist.tools.resolve import find_checkpoint

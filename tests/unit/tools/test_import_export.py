@@ -39,9 +39,11 @@ def test_import_writes_a_complete_checkpoint_training_accepts(imported, recipe, 
     folder = imported / "checkpoints" / STEP0
     assert (imported / "checkpoints" / "latest").read_text().strip() == STEP0
     index = json.loads((folder / "model" / "index.json").read_text())
-    assert index["tp"] == 1 and index["pp"] == 1
-    assert set(index["params"]) == set(dict(GPT(load_config(recipe).model, seed=None).named_parameters()))
-    assert all(m == {"partition_dim": None, "stride": 1, "stage": 0} for m in index["params"].values())
+    model = dict(GPT(load_config(recipe).model, seed=None).named_parameters())
+    assert index["format"] == 2 and index["tp"] == 1 and set(index["params"]) == set(model)
+    for name, entry in index["params"].items():  # each parameter whole, in one fragment of one file
+        assert (entry["partition_dim"], entry["stride"], entry["shape"]) == (None, 1, list(model[name].shape))
+        assert entry["fragments"] == [[0, 0, model[name].numel(), "model/rank00000.safetensors"]]
     state = json.loads((folder / "gptdist_state.json").read_text())
     tok = load_tokenizer(str(tokenizer_path))
     assert (state["step"], state["data_state"], state["mlflow_run_id"], state["layout"]) == (0, {}, None, None)

@@ -1,0 +1,83 @@
+"""A run directory belongs to one job; restarts continue instead of rewinding; a torn metrics line does not block a
+resume. Real runs of `gptdist train` (one process, and two ranks under the deepspeed launcher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from gptdist.telemetry.metrics_file import read_metrics
+from gptdist.train.run_lock import LOCK_FILE
+from tests.helpers import ROOT, assert_ok, cpu_env, launch, train_single, write_recipe
+
+
+def _losses(run):
+    return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_path, corpus, tokenizer_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 150, "log_every": 5},
+                          checkpoint={"every": 50})
+    env = cpu_env({"GPUS_PER_NODE": "2"})
+    first = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before the second started"
+        time.sleep(0.2)
+    holder = json.loads((run / LOCK_FILE).read_text())
+    for second in (launch(recipe, ranks=2), train_single(recipe)):  # the launch script's check, and a rank itself
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = [x for x in second.stderr.splitlines() if x.startswith("gptdist:")]
+        assert len(line) == 1 and "is in use by" in line[0] and f"pid {holder['pid']}" in line[0], second.stderr[-2000:]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert (run / "run_complete.json").is_file() and _losses(run) == list(range(1, 151))
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, corpus, tokenizer_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 2})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"job": "slurm job 5", "host": os.uname().nodename, "pid": gone.pid,
+                                             "started": "x", "since": time.time(),
+                                             "lease_until": time.time() + 600}))
+    proc = train_single(recipe)
+    assert_ok(proc)
+    assert f"taking over {run / LOCK_FILE} from slurm job 5" in proc.stderr and "is gone" in proc.stderr
+
+
+def test_resume_path_seeds_once_then_the_run_continues_from_its_own(tmp_path, corpus, tokenizer_path):
+    """`resume=PATH` run twice, as a requeue would run the same command: the second time the run continues from its
+    own newest checkpoint, not from PATH again."""
+    seed = tmp_path / "seed"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, seed, train={"steps": 4})
+    assert_ok(train_single(recipe))
+    run = tmp_path / "run"
+    args = [f"resume={seed}", f"run.dir={run}", "train.steps=10", "checkpoint.every=2"]
+    killed = train_single(recipe, args, env={"GPTDIST_FAULTS": "kill-after-save@6"})
+    assert killed.returncode != 0 and f"resumed from {seed / 'checkpoints' / 'step_00000004'}" in killed.stderr
+    again = train_single(recipe, args)
+    assert_ok(again)
+    assert "already holds its own checkpoints (newest step_00000006)" in again.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step_00000006'} at step 6" in again.stderr
+    assert _losses(run) == list(range(5, 11))
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, corpus, tokenizer_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 4})
+    assert_ok(train_single(recipe))
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 5.1, "l')  # what a full disk leaves
+    proc = train_single(recipe, ["train.steps=6"])
+    assert_ok(proc)
+    assert "dropped a torn last line" in proc.stderr
+    assert _losses(run) == list(range(1, 7))
