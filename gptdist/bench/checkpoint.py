@@ -79,7 +79,7 @@ def run_bench_checkpoint(args: argparse.Namespace) -> int:
     print(f"gptdist bench checkpoint: {params / 1e6:.1f} M parameters, {args.ranks} rank(s) ZeRO-1, a save every "
           f"{args.every} steps of {args.steps}, {args.repeats} interleaved run(s) per mode; {usable_cores()} cores")
     print()
-    print("| checkpoint.async | training blocked per save s | write per save s | step with a save s | step without s "
+    print("| checkpoint.async | training blocked per save s | write per save s | step after a save s | other steps s "
           "| bytes on disk | bytes/parameter |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     blocked = {}
@@ -88,9 +88,10 @@ def run_bench_checkpoint(args: argparse.Namespace) -> int:
         saves = [s for run in runs for s in run["saves"]]
         blocked[mode] = _median([s["checkpoint_blocking_s"] for s in saves])
         write = _median([s["checkpoint_write_s"] for s in saves])
-        saved_steps = {s["step"] for s in saves}
-        with_save = _median([t for run in runs for step, t in run["steps"].items() if step in saved_steps])
-        without = _median([t for run in runs for step, t in run["steps"].items() if step not in saved_steps
+        # A save happens after its step's time is taken: it lands in the next step's time.
+        after_save = {s["step"] + 1 for s in saves}
+        with_save = _median([t for run in runs for step, t in run["steps"].items() if step in after_save])
+        without = _median([t for run in runs for step, t in run["steps"].items() if step not in after_save
                            and step > 2])
         on_disk = _median([run["bytes"] for run in runs])
         print(f"| {str(mode).lower()} | {blocked[mode]:.3f} | {write:.3f} | {with_save:.3f} | {without:.3f} | "

@@ -169,7 +169,7 @@ class Checkpointer:
             self._in_flight = write.start()
         else:
             self._in_flight = write.run_here()
-            self._finish()
+            self._finish(sync_start=start)
         return True
 
     def _state(self, step: int) -> Dict[str, Any]:
@@ -186,12 +186,15 @@ class Checkpointer:
         if self._in_flight is not None and not _any_rank(not self._in_flight.done()):
             self._finish()
 
-    def _finish(self) -> Optional[SaveRecord]:
-        """Collective: wait for this rank's write, then rank 0 seals the checkpoint (or says why it could not)."""
+    def _finish(self, sync_start: Optional[float] = None) -> Optional[SaveRecord]:
+        """Collective: wait for this rank's write, then rank 0 seals the checkpoint (or says why it could not).
+        sync_start: a synchronous save, whose whole time (snapshot, write and seal) blocked training."""
         write, self._in_flight = self._in_flight, None
         if write is None:
             return None
         write.wait()
+        if sync_start is not None:
+            write.result.blocking_s = time.perf_counter() - sync_start
         results = _gather(write.result, self.rank.world.size)
         step = write.snapshot.step
         problem = None
@@ -199,8 +202,11 @@ class Checkpointer:
             problem = commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
                              self.cfg.checkpoint.keep)
         problem = _from_main(problem, self.rank.world.size)
-        record = SaveRecord(step, problem is None, max(r.blocking_s for r in results),
-                            max(r.write_s for r in results), sum(r.nbytes for r in results), problem)
+        blocking = max(r.blocking_s for r in results)
+        if sync_start is not None:
+            blocking = max(blocking, time.perf_counter() - sync_start)  # the seal too
+        record = SaveRecord(step, problem is None, blocking, max(r.write_s for r in results),
+                            sum(r.nbytes for r in results), problem)
         if problem is None:
             self.failures = 0
             self.last = record

@@ -136,6 +136,8 @@ class BackgroundWrite:
     def _run(self) -> None:
         start = time.perf_counter()
         snap = self.snapshot
+        if threading.current_thread() is self._thread:
+            _lowest_priority()
         try:
             for sub in ("model", "rng"):
                 (self.folder / sub).mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,15 @@ class BackgroundWrite:
         except OSError as exc:
             self.result.error = f"rank {snap.rank} could not write {self.folder}: {exc.strerror or exc}"
         self.result.write_s = time.perf_counter() - start
+
+
+def _lowest_priority() -> None:
+    """The writer thread yields the cores to training: on Linux a thread is a task with a niceness of its own, so
+    hashing and writing use what the training threads leave (on a machine with spare cores, that is all of it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: the thread keeps the process's priority
 
 
 def commit(root: Path, step: int, results: List[WriteResult], tp: int, state: Dict[str, Any],

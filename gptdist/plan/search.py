@@ -56,6 +56,16 @@ class Plan:
         return self.required_bytes <= self.hardware.memory_bytes * (1 - self.headroom)
 
     @property
+    def snapshot_bytes(self) -> int:
+        """Host memory of the largest rank's checkpoint snapshot (checkpoint.async): the fp32 weight and two Adam
+        moments of what its optimizer owns, 12 bytes each; at ZeRO-0 a data-parallel rank owns 1/dp of the
+        parameters it holds (checkpoint/fragments.py)."""
+        owned = max(r.model_states.get("optimizer", 0) for r in self.ranks) // 8
+        if self.layout.zero_stage == 0:
+            owned = -(-owned // self.layout.dp)
+        return 12 * owned
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.time.total
 
@@ -73,6 +83,7 @@ class Plan:
             "activation_checkpointing": lay.activation_checkpointing,
             "model_state_bytes": self.model_state_bytes, "peak_bytes": self.peak_bytes,
             "required_bytes": self.required_bytes, "device_memory_bytes": self.hardware.memory_bytes,
+            "checkpoint_snapshot_host_bytes": self.snapshot_bytes,
             "peak_stage": big.stage, "peak_phase": big.peak_phase,
             "model_states_by_kind": max(self.ranks, key=lambda r: r.model_state_bytes).model_states,
             "step_time_s": self.time.total, "step_time_parts_s": self.time.parts,

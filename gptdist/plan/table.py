@@ -56,6 +56,8 @@ def plan_table(cfg, args, hw, per_node: int, global_batch: int, plans: Sequence)
         lines.append(f"  run it with: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.zero_stage={lay.zero_stage} "
                      f"train.micro_batch_size={lay.micro_batch_size} train.global_batch_size={global_batch}"
                      + (" parallel.activation_checkpointing=true" if lay.activation_checkpointing else ""))
+        lines.append(f"  checkpoints: {12 * count_parameters(m) / 1e9:.3g} GB on disk each (12 bytes per parameter); "
+                     f"the background save's snapshot takes {_g(best.snapshot_bytes)} GiB of host memory per rank")
     return "\n".join(lines)
 
 

@@ -26,3 +26,18 @@ def test_bench_parallel_pipeline_and_zero1_comms(capsys, tmp_path):
     assert "| pp2 | 2 | 1 |" in out and "| dp2 zero1 | 2 | 1 |" in out
     assert re.search(r"\| dp2 zero1 \| reduce .*\| 2\.\d\d Ψ \| 2 Ψ \|", out), out  # gptdist's default
     assert re.search(r"\| pp2 \| 2 \| 4 \| 20% \| stage 0: \d+%, stage 1: \d+% \|", out), out
+
+
+def test_bench_checkpoint_measures_both_modes(capsys):
+    """A small model (the table in docs/performance.md is the ~60 M default): both modes run, saves are recorded, and
+    a checkpoint costs 12 bytes per parameter plus its small files."""
+    tiny = ["model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.seq_len=32"]
+    code = main(["bench", "checkpoint", "configs/tiny-cpu.yaml", *tiny, "--steps", "4", "--every", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("| true", "| false"))]
+    assert len(rows) == 2, out
+    for row in rows:
+        per_param = float(row.strip("|").split("|")[-1])
+        assert 12.0 <= per_param < 13.0, row
+    assert "async blocks training for" in out
