@@ -149,30 +149,15 @@ def init_process_group(device_type: str, timeout_s: float) -> None:
 
     import deepspeed
 
+    from gptdist.engine.shm import clear_stale_shm, disable_shm_op
+
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cpu":
+        disable_shm_op()  # its /dev/shm buffers leaked, and it compiled at run time, for an inference-only path
+        clear_stale_shm()  # what killed runs of other DeepSpeed programs left on this node
     # DeepSpeed prints a line per rank as it loads its communication op; errors still raise.
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
-    _unlink_shm_buffers()
-
-
-def _unlink_shm_buffers() -> None:
-    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm file per rank and never deletes it, so every CPU run leaked
-    RAM. Once all ranks have mapped theirs (barrier), unlink the names: the mappings stay valid until exit."""
-    import glob
-
-    import torch.distributed as dist
-
-    if not os.path.isdir("/dev/shm") or dist.get_world_size() == 1:
-        return
-    dist.barrier()
-    port, local_rank = os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK", "0")
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{local_rank}"
-    for path in glob.glob(pattern):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def finish_process(exit_code: int) -> None:

@@ -5,9 +5,15 @@ none, and torch.profiler's memory events are recorded per thread (gloo's worker 
 that the training thread allocated, so the profiler would see them live forever). On CPU ranks gptdist therefore
 installs a counting allocator (csrc/counting_cpu_allocator.cpp, built once per machine with torch's extension
 builder and cached under TORCH_EXTENSIONS_DIR, like DeepSpeed's own CPU ops): every CPU tensor allocated after
-`install` is counted when it is made and when it is freed, on any thread.
+`install` is counted when it is made and when it is freed, on any thread. Counting costs the training step (large
+blocks come straight from the kernel, so every step takes fresh pages), so the memory report stops it (`stop`) once
+it has measured: the allocator is the process's only while it measures.
 
-`bash launch/setup.sh` builds it on machines without a GPU, so a first run does not wait for the compiler.
+`bash launch/setup.sh` builds it on machines without a GPU, so a run does not wait for the compiler. Where a run
+must build it (a new checkout of changed source), the wait is bounded: torch's builder waits forever on its `lock`
+file, and a process killed while building leaves that file behind. gptdist therefore builds under its own lock
+(an flock, released by the kernel when its holder dies): whoever holds it knows that a `lock` file of torch's is
+stale and removes it, and whoever waits longer than BUILD_WAIT_S goes on without the counter, naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 log = logging.getLogger("gptdist.memory")
+BUILD_WAIT_S = 45.0  # how long a rank waits for another process's build before training without the counter
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "counting_cpu_allocator.cpp"
 _EXTENSION = None
 _FAILED: Optional[str] = None
@@ -33,8 +40,14 @@ def counting_allocator():
             from torch.utils.cpp_extension import load
 
             source, build_dir = _stable_source()
-            _EXTENSION = load(name="gptdist_counting_cpu_allocator", sources=[str(source)], extra_cflags=["-O2"],
-                              build_directory=str(build_dir), verbose=False)
+            with _BuildLock(build_dir, BUILD_WAIT_S) as held:
+                if not held:
+                    _FAILED = (f"another process held {held.path} for {BUILD_WAIT_S:.0f} s (a build of the memory "
+                               f"counter in progress; if none is, remove {held.path})")
+                    return None
+                _clear_stale_torch_lock(build_dir)
+                _EXTENSION = load(name="gptdist_counting_cpu_allocator", sources=[str(source)],
+                                  extra_cflags=["-O2"], build_directory=str(build_dir), verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler, no headers: report RSS only, never fail a run
             _FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return _EXTENSION
@@ -60,6 +73,47 @@ def _stable_source() -> Tuple[Path, Path]:
     return target, folder
 
 
+class _BuildLock:
+    """An exclusive flock on BUILD_DIR/gptdist-build.flock, waited for at most `wait_s`; truthy when held."""
+
+    def __init__(self, build_dir: Path, wait_s: float) -> None:
+        self.path, self.wait_s, self._fd = build_dir / "gptdist-build.flock", wait_s, -1
+        self.held = False
+
+    def __enter__(self) -> "_BuildLock":
+        import fcntl
+        import time
+
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.held = True
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return self
+                time.sleep(0.2)
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)  # closing releases the flock
+
+
+def _clear_stale_torch_lock(build_dir: Path) -> None:
+    """Called holding the build lock: every build of this folder holds it while torch's `lock` exists, so a `lock`
+    seen now was left by a process that died building (torch would wait on it forever)."""
+    stale = build_dir / "lock"
+    try:
+        stale.unlink()
+    except FileNotFoundError:
+        return
+    log.warning(f"gptdist: removed {stale}, a build lock left by a process killed while building the memory counter")
+
+
 def build_problem() -> Optional[str]:
     return _FAILED
 
@@ -76,6 +130,14 @@ class LiveBytes:
             if self._ext is not None:
                 self._ext.install()
         self.available = device_type == "cuda" or self._ext is not None
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Measuring is over: on a CPU the process gets its own allocator back (reads are meaningless from now on,
+        as tensors made from now on are not counted)."""
+        if self._ext is not None and not self.stopped:
+            self._ext.uninstall()
+        self.stopped = self._ext is not None
 
     def read(self) -> Tuple[int, int]:
         """(live bytes, peak bytes since the last reset)."""

@@ -9,10 +9,11 @@ Three measurements, each from a different place, so that they check each other:
   Taken at the moment the optimizer of step N (profile.memory_step, default 2) starts, when gradients and Adam
   state exist together, and again after the engine is built and at the end.
 * live tensor bytes and their peak: on a GPU, the caching allocator's counters; on a CPU, those of gptdist's
-  counting CPU allocator (train/live_bytes.py), installed before the model is built, so every tensor the run makes
-  is counted, on every thread. Until step N the run is also cut into phases (construction, each forward, backward,
-  optimizer call) and each phase's peak is kept, so a report says where the memory went; the overall peak covers
-  the whole run.
+  counting CPU allocator (telemetry/live_bytes.py), installed before the model is built, so every tensor the run
+  makes is counted, on every thread, and removed after step N (counting costs each step fresh pages from the
+  kernel; a step's peak is reached in its first steps). Until step N the run is also cut into phases
+  (construction, each forward, backward, optimizer call) and each phase's peak is kept, so a report says where the
+  memory went; on a CPU the overall peak covers the run up to step N, on a GPU the whole run.
 * the process as the OS sees it: VmRSS and VmHWM (peak resident set) from /proc/self/status, which includes what
   torch does not allocate (Python, libraries, communication buffers).
 
@@ -124,7 +125,10 @@ class PhaseTracker:
         self.recording = True  # phases are kept until the memory step; the overall peak for the whole run
         self._current: Optional[Tuple[str, int]] = None
 
-    def mark(self, label: str) -> Dict[str, int]:
+    def mark(self, label: str) -> Optional[Dict[str, int]]:
+        """None once the counter has stopped (a CPU's counting allocator is removed after the memory step)."""
+        if self.live.stopped:
+            return None
         now, peak = self.live.read()
         self.overall = max(self.overall, peak)
         if self.recording:
@@ -137,9 +141,10 @@ class PhaseTracker:
     def stop_phases(self) -> None:
         self.mark("end of phases")
         self.recording = False
+        self.live.stop()
 
     def peak(self) -> int:
-        return max(self.overall, self.live.read()[1])
+        return self.overall if self.live.stopped else max(self.overall, self.live.read()[1])
 
 
 def process_memory() -> Dict[str, int]:
@@ -251,6 +256,8 @@ class MemoryReport:
         if self._tracker is not None:
             self._tracker.stop_phases()
             self.record["phases"] = self._tracker.phases
+            if self._tracker.live.stopped:
+                self.record["live_bytes_counted_until_step"] = global_step
         if self._pending is not None:
             snap = self.record["snapshots"].setdefault("optimizer_step", {})
             snap.update(by_kind=self._pending, model_state_bytes=total(self._pending))

@@ -82,13 +82,23 @@ struct CountingCPUAllocator final : c10::Allocator {
 };
 
 CountingCPUAllocator g_allocator;
-bool g_installed = false;
+c10::Allocator* g_previous = nullptr;  // the allocator this one replaced, given back by uninstall()
+constexpr uint8_t kPriority = 100;  // above the default allocator's, so GetCPUAllocator() returns this one
 
 void install() {
-  if (!g_installed) {
-    // Priority above the default allocator's, so GetCPUAllocator() returns this one from now on.
-    c10::SetCPUAllocator(&g_allocator, /*priority=*/100);
-    g_installed = true;
+  if (g_previous == nullptr) {
+    g_previous = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&g_allocator, kPriority);
+  }
+}
+
+// Counting costs the training step (every block of 1 MiB or more is fresh pages from the kernel), so the memory
+// report counts only while it measures. Tensors made while installed keep this allocator's deleter, so their
+// frees still go through counting_free and the counters stay consistent.
+void uninstall() {
+  if (g_previous != nullptr) {
+    c10::SetCPUAllocator(g_previous, kPriority);
+    g_previous = nullptr;
   }
 }
 
@@ -105,6 +115,7 @@ void reset_peak() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("install", &install, "make the counting allocator the process's CPU allocator");
+  m.def("uninstall", &uninstall, "give the process its previous CPU allocator back");
   m.def("stats", &stats, "(live bytes, peak bytes since the last reset, allocations)");
   m.def("reset_peak", &reset_peak, "start a new peak at the current live bytes");
 }
