@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -27,8 +27,11 @@ def progress_bar(is_main: bool, start: int, total: int):
 
 class StepReporter:
     def __init__(self, *, tokens_per_step: int, samples_per_step: int, flops_per_token: float,
-                 job_peak_flops: Optional[float], dp_group, dp_size: int, metrics, tracker, progress, warn=None):
+                 job_peak_flops: Optional[float], dp_group, dp_size: int, metrics, tracker, progress, warn=None,
+                 peak_exceeded: Optional[Callable[[float], None]] = None):
+        """peak_exceeded(achieved job FLOP/s): called once when the model's FLOP/s exceed job_peak_flops."""
         self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
+        self.peak_exceeded = peak_exceeded
         self.flops_per_token, self.job_peak_flops = flops_per_token, job_peak_flops
         self.warn = warn
         self.mfu_warned = False
@@ -60,6 +63,8 @@ class StepReporter:
             self.mfu_warned = True
             self.warn("MFU above 100 % against the measured peak: not shown (declare the peak with "
                       "train.peak_flops for an exact figure)")
+            if self.peak_exceeded is not None:
+                self.peak_exceeded(tokens_per_s * self.flops_per_token)
         records = []
         for item, loss in zip(self.pending, values):
             norm = item["grad_norm"]

@@ -17,6 +17,7 @@ from gptdist.config import dump_config
 from gptdist.model import count_parameters, flops_per_token
 from gptdist.telemetry.log import RankZeroLog
 from gptdist.telemetry.metrics_file import MetricsLog, truncate_metrics
+from gptdist.telemetry.peak import raise_cpu_peak
 from gptdist.telemetry.reporter import StepReporter, progress_bar
 from gptdist.telemetry.tracking import NullTracker, flatten, start_tracker
 
@@ -43,7 +44,8 @@ class Telemetry:
             tokens_per_step=layout.global_batch_size * cfg.model.seq_len, samples_per_step=layout.global_batch_size,
             flops_per_token=flops_per_token(cfg.model), job_peak_flops=job_peak,
             dp_group=rank.topology.dp_group if needs_dp_mean else None, dp_size=layout.dp, metrics=metrics,
-            tracker=tracker, progress=progress_bar(rank.world.is_main, start_step, cfg.train.steps), warn=log.warn)
+            tracker=tracker, progress=progress_bar(rank.world.is_main, start_step, cfg.train.steps), warn=log.warn,
+            peak_exceeded=_peak_raiser(cfg, rank))
         return cls(cfg, rank, reporter, memory, profiler, metrics, tracker, log, start_step)
 
     # ------------------------------------------------------------------------------------------- during training
@@ -143,3 +145,11 @@ def _open_outputs(cfg, resumed: Optional[Dict[str, Any]], start_step: int, log: 
                             resumed=resumed, warn=log.warn)
     tracker.log_artifact(run_dir / "config.yaml")
     return metrics, tracker
+
+
+def _peak_raiser(cfg, rank):
+    """Where the peak was measured (a CPU without train.peak_flops), rank 0 raises the cached one when exceeded."""
+    if rank.device_type != "cpu" or cfg.train.peak_flops or not rank.world.is_main:
+        return None
+    world = rank.world
+    return lambda achieved: raise_cpu_peak(achieved, world.size, world.local_size)
