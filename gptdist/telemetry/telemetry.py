@@ -19,6 +19,8 @@ from gptdist.telemetry.log import RankZeroLog
 from gptdist.telemetry.metrics_file import MetricsLog, truncate_metrics
 from gptdist.telemetry.peak import raise_cpu_peak
 from gptdist.telemetry.reporter import StepReporter, progress_bar
+from gptdist.telemetry.step_times import StepTimes
+from gptdist.telemetry.step_times import describe as describe_step_times
 from gptdist.telemetry.tracking import NullTracker, flatten, start_tracker
 
 
@@ -29,6 +31,7 @@ class Telemetry:
         self.metrics, self.tracker, self.log, self.start_step = metrics, tracker, log, start_step
         self.run_dir = Path(cfg.run.dir)
         self.log_every, self.max_bad_steps = cfg.train.log_every, cfg.train.max_bad_steps
+        self.times: Optional[StepTimes] = None  # the loop's step-time breakdown, written by rank 0 at the end
 
     @classmethod
     def open(cls, cfg, rank, *, memory, profiler, job_peak: Optional[float], resumed: Optional[Dict[str, Any]],
@@ -102,6 +105,8 @@ class Telemetry:
         if self.metrics is None:
             return
         self.metrics.close()
+        if self.times is not None and (found := self.times.write(self.run_dir)) is not None:
+            self.log.info("gptdist | " + describe_step_times(found))
         record = outcome.record(self.tracker.run_id)
         if record is not None:
             (self.run_dir / record[0]).write_text(json.dumps(record[1]) + "\n")

@@ -11,6 +11,7 @@ filesystem. data.cache=off: no folder, every rank tokenizes all it reads.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -46,6 +47,7 @@ class DataFeed:
         self._run_dir, self._rank = run_dir, rank.world.rank
         self._loader = None
         self.batches: Optional[Iterator] = None
+        self.wait_s = 0.0  # time spent waiting for the loader's batches, for the step-time breakdown
         if rank.topology.needs_data:
             layout = rank.layout
             self._loader = build_train_loader(
@@ -55,7 +57,13 @@ class DataFeed:
             self.batches = self._on_device(iter(self._loader), rank.device)
 
     def _on_device(self, batches: Iterator, device) -> Iterator:
-        for batch in batches:
+        clock = time.perf_counter
+        while True:
+            started = clock()
+            batch = next(batches, None)
+            self.wait_s += clock() - started
+            if batch is None:
+                return
             self.position = batch.state
             yield batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
 

@@ -25,20 +25,29 @@ def train(cfg: RunConfig) -> int:
 
 
 def run_steps(run: Run) -> Outcome:
-    stepper, telemetry, validator, checkpointer, stop = (run.stepper, run.telemetry, run.validator,
-                                                         run.checkpointer, run.stop)
+    stepper, telemetry, validator, checkpointer, stop, times = (run.stepper, run.telemetry, run.validator,
+                                                                run.checkpointer, run.stop, run.times)
     for step in range(run.start_step + 1, run.steps + 1):
         last = step == run.steps
-        telemetry.record_step(step, stepper.step(step), last)
+        times.begin(step)
+        result = stepper.step(step)
+        times.lap("model")
+        telemetry.record_step(step, result, last)
+        times.lap("telemetry")
         if telemetry.too_many_bad_steps:
             return outcome.bad_steps(step, telemetry.consecutive_bad_steps, run.cfg.train.max_bad_steps, run.run_dir)
         if validator.due(step, last):
             telemetry.flush()  # the steps' times end here, before the validation's
+            times.lap("telemetry")
             telemetry.record_validation(step, *validator.run(run.engine))
+            times.lap("validation")
         saved = checkpointer.after_step(step, last)  # a save when due; one in flight completed when written
+        times.lap("checkpoint")
         if checkpointer.gave_up:
             return outcome.saves_failed(step, checkpointer.failures, run.cfg.checkpoint.max_failed_saves, run.run_dir)
-        if not last and stop.agreed(run.engine.device):
+        stopping = not last and stop.agreed(run.engine.device)
+        times.lap("stop")
+        if stopping:
             if not saved:
                 checkpointer.save(step)
             return outcome.stopped(step, stop.name or "a signal to another rank")

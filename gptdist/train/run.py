@@ -26,6 +26,7 @@ from gptdist.telemetry.log import RankZeroLog
 from gptdist.telemetry.memory import MemoryReport
 from gptdist.telemetry.peak import job_peak_flops
 from gptdist.telemetry.profiling import RunProfiler
+from gptdist.telemetry.step_times import StepTimes
 from gptdist.telemetry.telemetry import Telemetry
 from gptdist.train import outcome
 from gptdist.train.drills import FaultDrills
@@ -52,6 +53,7 @@ class Run:
     checkpointer: Checkpointer
     stop: StopRequest
     lock: RunLock  # run.dir's, held by rank 0
+    times: StepTimes  # where each step's time goes (telemetry writes it)
 
     @property
     def start_step(self) -> int:
@@ -107,6 +109,7 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     checkpointer.keep_state_of(feed, telemetry)
     checkpointer.on_record = telemetry.record_checkpoint
     memory.host_buffers["checkpoint_snapshot"] = lambda: checkpointer.snapshot_bytes
+    telemetry.times = StepTimes(lambda: feed.wait_s, checkpointer.start_step)
     engine.train()
     return Run(cfg, rank, engine, Stepper(engine, step_fn, feed.batches, drills), feed, telemetry, validator,
-               checkpointer, StopRequest(), checked.lock)
+               checkpointer, StopRequest(world.size), checked.lock, telemetry.times)

@@ -18,7 +18,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, world_size: int = 2) -> None:
+        self.world_size = world_size
         self.received: Optional[int] = None
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
@@ -34,6 +35,8 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank if any rank received a stop signal."""
+        if self.world_size == 1:  # nobody to agree with: no collective, no host sync
+            return self.received is not None
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
