@@ -54,7 +54,8 @@ def build_lines(results: Sequence[RowResult], titles: dict, *, tokens_per_step: 
             line.mfu_datasheet = flops / datasheet_peak if datasheet_peak else None
             line.peak_mib = res.peak_bytes / 2**20
             spread = (max(res.seconds) - min(res.seconds)) / statistics.median(res.seconds)
-            line.note = f"{res.info.get('params', 0) / 1e6:.2f} M params, spread {spread:.0%}"
+            about = res.info.get("note") or f"{res.info.get('params', 0) / 1e6:.2f} M params"
+            line.note = f"{about}, spread {spread:.0%}"
             rates[res.row] = line.tokens_per_s
         lines.append(line)
     base = rates.get(baseline)

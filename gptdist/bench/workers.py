@@ -123,9 +123,10 @@ class _Worker:
 
 
 def measure_rows(rows: Sequence[str], cfg_dict: Dict[str, Any], *, steps: int, warmup: int, repeats: int,
-                 log=lambda message: None) -> List[RowResult]:
+                 log=lambda message: None, each_round=None) -> List[RowResult]:
     """Build each row's worker in turn (start-up is not timed and must not disturb another row's warm-up), then
-    run `repeats` rounds of `steps` timed steps per row, interleaved."""
+    run `repeats` rounds of `steps` timed steps per row, interleaved. each_round(r): a measurement of its own run
+    in every round too (bench train's real training run), while the workers wait."""
     if steps < 1 or repeats < 1 or warmup < 0:
         raise UserError("--steps and --repeats must be at least 1, --warmup at least 0")
     ctx = mp.get_context("spawn")  # a fresh interpreter: no torch threads or DeepSpeed state from the parent
@@ -141,6 +142,8 @@ def measure_rows(rows: Sequence[str], cfg_dict: Dict[str, Any], *, steps: int, w
         live = [w for w in workers if w.result.error is None]
         for r in range(repeats if live else 0):
             log(f"bench | round {r + 1}/{repeats}")
+            if each_round is not None:
+                each_round(r)
             for worker in live[r % len(live):] + live[: r % len(live)]:
                 if worker.result.error is not None:
                     continue

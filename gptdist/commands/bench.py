@@ -20,7 +20,9 @@ def register_bench_commands(bench_subparsers: Any) -> None:
     t.add_argument("--steps", type=int, default=5, help="timed steps per repeat (default 5)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     t.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows medians (default 3)")
-    t.add_argument("--skip", action="append", choices=["plain-chunked", "transformers", "gptdist"],
+    t.add_argument("--train-steps", type=int, default=60, help="steps of each real `gptdist train` run; its "
+                   "tokens/s is the median of metrics.jsonl's windows after step 10 (default 60)")
+    t.add_argument("--skip", action="append", choices=["plain-chunked", "transformers", "gptdist", "in-training"],
                    help="leave a row out (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     t.set_defaults(func=_train)

@@ -8,13 +8,21 @@ from gptdist.cli import main
 from tests.bench_helpers import TINY, table_rows
 
 
-def test_bench_train_command_with_the_deepspeed_row(capsys):
-    # Builds the DeepSpeed engine in a process of its own (a world of one, no launcher).
-    code = main(["bench", "train", "configs/tiny-cpu.yaml", *TINY, "--steps", "1", "--warmup", "1", "--repeats", "1",
-                 "--skip", "transformers", "--skip", "plain-chunked", "--quiet"])
+def test_bench_train_command_with_the_deepspeed_row_and_a_real_training_run(capsys):
+    # Builds the DeepSpeed engine in a process of its own (a world of one, no launcher), and runs `gptdist train`.
+    tiny = [o for o in TINY if not o.startswith("model.vocab_size")]  # the recipe's tokenizer has 4096 tokens
+    code = main(["bench", "train", "configs/tiny-cpu.yaml", *tiny, "--steps", "1", "--warmup", "1", "--repeats", "1",
+                 "--train-steps", "20", "--skip", "transformers", "--skip", "plain-chunked", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert table_rows(out)["gptdist 1 rank (DeepSpeed ZeRO-0)"][1] != ""
+    rows = table_rows(out)
+    assert rows["gptdist 1 rank (DeepSpeed ZeRO-0)"][1] != ""
+    trained = rows["gptdist train (metrics.jsonl)"]
+    assert float(trained[1].replace(",", "")) > 0 and trained[-2].endswith("x")  # tokens/s, and its ratio to plain
+    # The breakdown of the training run's steps: every part, and what surrounds the model.
+    for part in ("data", "model", "telemetry", "validation", "checkpoint", "stop", "other"):
+        assert re.search(rf"^\| {part} \| [\d,]+\.\d\d \|", out, re.M), (part, out)
+    assert "| around the model (data, telemetry, stop, other) |" in out
 
 
 def test_bench_parallel_pipeline_and_zero1_comms(capsys, tmp_path):
