@@ -27,6 +27,25 @@ def register_bench_commands(bench_subparsers: Any) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     t.set_defaults(func=_train)
 
+    q = bench_subparsers.add_parser(
+        "peers",
+        help="gptdist against the HF Trainer with DeepSpeed ZeRO and the deepspeed.initialize loop, in-training",
+        description="gptdist, transformers' Trainer with a DeepSpeed ZeRO config and DeepSpeed's getting-started loop "
+        "train the recipe's GPT shape under the deepspeed launcher at world 1 and 2, ZeRO 1 and 2, with the same "
+        "tokens per optimizer step; runs interleaved in rounds.",
+    )
+    q.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml", help="run config (default "
+                   "configs/tiny-cpu.yaml)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    q.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    q.add_argument("--repeats", type=int, default=2, help="interleaved runs per cell (default 2)")
+    q.add_argument("--layouts", default="", help="comma-separated subset of w1z1,w1z2,w2z1,w2z2 (default all)")
+    q.add_argument("--skip", action="append", choices=["hf-trainer", "ds-loop"], help="leave a peer out")
+    q.add_argument("--timeout", type=float, default=900, help="seconds per launch before its process group is "
+                   "killed (default 900)")
+    q.add_argument("--out", default="", help="keep every run's folder and log here (default: a temporary folder)")
+    q.set_defaults(func=_peers)
+
     p = bench_subparsers.add_parser(
         "parallel",
         help="tokens/s per parallel layout under the deepspeed launcher, ZeRO comms volume, pipeline bubble",
@@ -79,3 +98,9 @@ def _parallel(args: argparse.Namespace) -> int:
     from gptdist.bench.parallel import run_bench_parallel
 
     return run_bench_parallel(args)
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from gptdist.bench.peers import run_bench_peers
+
+    return run_bench_peers(args)

@@ -49,3 +49,17 @@ def test_bench_checkpoint_measures_both_modes(capsys):
         per_param = float(row.strip("|").split("|")[-1])
         assert 12.0 <= per_param < 13.0, row
     assert "async blocks training for" in out
+
+
+def test_bench_peers_runs_every_system_under_the_launcher(capsys, tmp_path):
+    # One layout of a tiny model: gptdist, the HF Trainer with DeepSpeed ZeRO-2 and the deepspeed.initialize loop,
+    # each under the deepspeed launcher at world 2.
+    code = main(["bench", "peers", "configs/tiny-cpu.yaml", "model.n_layer=2", "model.d_model=64", "model.seq_len=32",
+                 "--steps", "20", "--repeats", "1", "--layouts", "w2z2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("| 2 | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c.replace(",", "")) > 0 for c in cells[2:5]), row
+    assert cells[5].endswith("x") and cells[6].endswith("x"), row
+    assert "| 1 | 1 |" not in out  # only the layout asked for

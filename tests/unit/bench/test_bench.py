@@ -98,3 +98,18 @@ def test_layouts_cover_the_brief():
     assert all(r.global_batch == 8 and r.comms for r in comms_runs())  # one micro-batch of 4 per rank per step
 
 
+
+
+def test_peer_windows_are_ten_steps_after_step_ten():
+    from gptdist.bench.peers import Cell, format_peers, window_rates
+
+    ends = [float(i) for i in range(1, 41)]  # one step a second
+    assert window_rates(ends, 100) == [100.0, 100.0, 100.0]  # steps 11-20, 21-30, 31-40
+    ends[25] += 5  # a slow spell in the second window
+    assert window_rates(ends, 100)[1] < 100.0 and window_rates(ends, 100)[0] == 100.0
+    cells = {(s, w, z): Cell() for s in ("gptdist", "hf-trainer", "ds-loop") for w, z in ((1, 1), (2, 2))}
+    cells[("gptdist", 1, 1)].rates = [1200.0]
+    cells[("hf-trainer", 1, 1)].rates = [1000.0]
+    cells[("ds-loop", 1, 1)].error = "boom"
+    text = format_peers(cells, [(1, 1)])
+    assert "| 1 | 1 | 1,200 | 1,000 | failed | 1.20x |  |" in text and "| 2 | 2 |" not in text
