@@ -76,6 +76,7 @@ class MlflowTracker(NullTracker):
         self.cfg, self.uri, self.client, self.run_id = cfg, uri, client, run_id
         self.monitor = None
         self.sender = RetryingSender(client, run_id, uri, warn, on_recovery=self._start_system_metrics)
+        self.sender.start_background()  # the step only appends; the server is written from a thread of its own
         self._start_system_metrics(resume=resumed)
 
     def _start_system_metrics(self, resume: bool = True) -> None:
