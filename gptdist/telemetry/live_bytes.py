@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -111,7 +112,9 @@ def _clear_stale_torch_lock(build_dir: Path) -> None:
         stale.unlink()
     except FileNotFoundError:
         return
-    log.warning(f"gptdist: removed {stale}, a build lock left by a process killed while building the memory counter")
+    # Printed, not logged: it must reach the user whatever logging DeepSpeed has configured by now.
+    print(f"gptdist | removed {stale}, a build lock left by a process killed while building the memory counter",
+          file=sys.stderr, flush=True)
 
 
 def build_problem() -> Optional[str]:
