@@ -23,7 +23,7 @@ from gptdist.model.config import GPTConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class ParallelConfig(_Section):
@@ -93,7 +93,7 @@ class TrackingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True, populate_by_name=True)
 
     every: int = Field(0, ge=0, description="save every N optimizer steps (0: only at the end)")
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
@@ -199,7 +199,9 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass the path of a YAML recipe, e.g. configs/tiny-cpu.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
+    except _Refused as exc:
+        raise UserError(f"config file {path} {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -210,6 +212,38 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
         raise UserError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not "
                         f"{type(data).__name__}")
     return data
+
+
+class _Refused(Exception):
+    """A YAML construct a recipe may not use; the message says where and what to write instead."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, less what hides a mistake: a key given twice (the second silently won), and anchors and
+    aliases (a few lines of nested aliases expand to gigabytes; a recipe spells each value out)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _Refused(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a recipe; write the value "
+                           "out in full")
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors (&{event.anchor[:40]}) are not allowed "
+                           "in a recipe; write each value out in full")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Refused(f"line {line}: key {key[:60]!r} is given twice (first on line {seen[key]}); keep "
+                                   "one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: Dict[str, Any], item: str) -> None:
@@ -249,7 +283,21 @@ def _describe(err: ValidationError, raw: Dict[str, Any]) -> str:
         msg = msg[len("Value error, "):]
     if first["type"] in ("value_error", "assertion_error") or "input" not in first:
         return f"config error: {key}: {msg}"
-    return f"config error: {key}={first['input']!r}: {msg}"
+    given = repr(first["input"])
+    given = given if len(given) <= 80 else f"{given[:70]}...({len(given)} characters)"
+    if msg == "Input should be a finite number":
+        default = _default_of(loc)
+        msg += "; write a finite number" + (f" such as the default, {default}" if default is not None else "")
+    return f"config error: {key}={given}: {msg}"
+
+
+def _default_of(loc: List[str]) -> Any:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    return getattr(field, "default", None) if field is not None else None
 
 
 def _known_keys(section_loc: List[str]) -> List[str]:

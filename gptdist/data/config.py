@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class SourceSpec(BaseModel):
     """One data source: a file, glob, folder, `pkg://package/relative/glob`, or a `datasets` hub name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field(..., min_length=1)
     weight: float = Field(1.0, gt=0, description="relative sampling weight when several sources are mixed")
@@ -20,7 +20,7 @@ class SourceSpec(BaseModel):
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sources: List[SourceSpec] = Field(default_factory=list, description="where the text comes from")
     text_field: str = Field("text", min_length=1, description="column/key holding the text in JSONL and Parquet")

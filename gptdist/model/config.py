@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class GPTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
     n_layer: int = Field(12, ge=1, description="number of Transformer blocks")
     n_head: int = Field(12, ge=1, description="attention heads per block")
