@@ -165,11 +165,14 @@ class SourceReader:
                 f"{self.src.describe()} is not a local file, folder or glob, and reading it as a `datasets` hub "
                 f"dataset failed: {bad.reason}; fix the path, or the dataset's name/split and the network access"
             )
-        where = f"file {name}" + (f" line {bad.line}" if bad.line is not None else "")
+        # A source that is one file is named once; a folder or glob names the file inside it.
+        parts = [] if str(name) == str(self.src.spec_path) else [f"file {name}"]
+        parts += [f"line {bad.line}"] if bad.line is not None else []
+        where = " ".join(parts + [""])
         if self.on_bad_file == "fail":
             raise UserError(
-                f"{self.src.describe()}: {where} {bad.reason}; fix or remove the file, "
-                f"or set data.on_bad_file=skip to skip bad files with a warning"
+                f"{self.src.describe()}: {where}{bad.reason}; fix or remove the file, "
+                "or set data.on_bad_file=skip to skip it with a warning"
             )
         self.bad[i] = bad.reason
         self.report(name, (f"line {bad.line}: " if bad.line is not None else "") + bad.reason)
