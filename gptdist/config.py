@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -190,9 +191,50 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Ru
     if isinstance(raw["run"], dict):
         raw["run"].setdefault("dir", f"runs/{Path(path).stem if path is not None else 'default'}")
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise UserError(_describe(err, raw)) from None
+    lift_credentials(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Credentials in a tracking URI: taken out of the config (and of $MLFLOW_TRACKING_URI) into the variables MLflow
+# reads them from, so that config.yaml, checkpoints, MLflow params/tags and logs only ever see the URI without them.
+
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@]*)@(?P<rest>.*)$", re.DOTALL)
+
+
+def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
+    """'http://alice:pw@host:5000' -> ('http://host:5000', {MLFLOW_TRACKING_USERNAME: alice, ..._PASSWORD: pw});
+    'https://TOKEN@host' -> ('https://host', {MLFLOW_TRACKING_TOKEN: TOKEN}); a URI without credentials unchanged."""
+    from urllib.parse import unquote
+
+    match = _USERINFO.match(uri)
+    if match is None:
+        return uri, {}
+    user, colon, password = match.group("userinfo").partition(":")
+    if colon:
+        found = {"MLFLOW_TRACKING_USERNAME": unquote(user), "MLFLOW_TRACKING_PASSWORD": unquote(password)}
+    else:
+        found = {"MLFLOW_TRACKING_TOKEN": unquote(user)}
+    return match.group("scheme") + match.group("rest"), {k: v for k, v in found.items() if v}
+
+
+def lift_credentials(cfg: RunConfig, env: Optional[Dict[str, str]] = None) -> None:
+    """Moves credentials out of tracking.uri and $MLFLOW_TRACKING_URI into this process's environment (where
+    MLflow's client reads them, and where the ranks a launcher starts inherit them)."""
+    import os
+
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if env.get("MLFLOW_TRACKING_URI"):
+        bare, found = split_credentials(env["MLFLOW_TRACKING_URI"])
+        env["MLFLOW_TRACKING_URI"] = bare
+        env.update(found)
+    if cfg.tracking.uri:
+        bare, found = split_credentials(cfg.tracking.uri)
+        cfg.tracking.uri = bare
+        env.update(found)
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
