@@ -10,6 +10,11 @@
 set -euo pipefail
 
 NODES="${LOCAL_SLURM_NODES:-2}"
+# A whole number before any arithmetic sees it (bash arithmetic would evaluate a name or subscript it is given).
+if [[ ! "$NODES" =~ ^[1-9][0-9]{0,2}$ ]]; then
+  echo "local-cluster: LOCAL_SLURM_NODES=${NODES:0:40} is not a whole number in 1..999" >&2
+  exit 2
+fi
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 MARK="# written by gptdist slurm/local-cluster.sh"
