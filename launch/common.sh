@@ -85,6 +85,9 @@ gptdist_node_layout() {
   if [[ "$ranks" == 0 ]]; then
     ranks=2
   fi
+  gptdist_number "$who" NUM_NODES "$num_nodes" 1 100000
+  gptdist_number "$who" NODE_RANK "$node_rank" 0 $((10#$num_nodes - 1))
+  gptdist_number "$who" GPUS_PER_NODE "$ranks" 1 100000
   hosts=()
   if [[ -n "${NODE_HOSTS:-}" ]]; then
     read -r -a hosts <<< "${NODE_HOSTS//,/ }"
@@ -97,9 +100,6 @@ gptdist_node_layout() {
   elif [[ -z "${MASTER_ADDR:-}" ]]; then
     fail "NUM_NODES=$num_nodes but no MASTER_ADDR: set it to the address of node 0 (or NODE_HOSTS to the nodes' names)"
   fi
-  gptdist_number "$who" NUM_NODES "$num_nodes" 1 100000
-  gptdist_number "$who" NODE_RANK "$node_rank" 0 $((10#$num_nodes - 1))
-  gptdist_number "$who" GPUS_PER_NODE "$ranks" 1 100000
   if [[ "${#hosts[@]}" -gt 0 ]]; then
     # The launcher silently drops hosts beyond --num_nodes and refuses duplicates; say so plainly instead.
     [[ "${#hosts[@]}" -ge "$num_nodes" ]] || fail "NUM_NODES=$num_nodes but only ${#hosts[@]} host(s) given: ${hosts[*]}"
