@@ -53,6 +53,7 @@ class ProducerStats:
     indexes_built: int = 0
     index_bytes: int = 0  # bytes of document indexes written
     reused: int = 0  # owned blocks found already in the cache
+    refused: int = 0  # cached records whose seal or checksum did not hold (tokenized again)
 
     def add(self, block, bytes_written: int) -> None:
         """One block tokenized and written."""
@@ -113,6 +114,9 @@ def _produce(plan, cache, tok, indexes, maker, start_block, cursors, me, total, 
             end = meta["end"]
             stats.reused += 1
         else:
+            if meta is not None:
+                log.warning("token cache block %d is refused (%s); tokenizing it again", c, meta.get("why", meta))
+                stats.refused += 1
             block, end = maker.tokenized(tok, c, cur)
             stats.add(block, cache.put_tokenized(block, end))
         stats.indexes_built = indexes.built
