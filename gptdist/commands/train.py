@@ -76,5 +76,10 @@ def _run_check(args: argparse.Namespace) -> int:
         warnings.append(checked.tracking_warning)
     for warning in warnings:
         print(f"gptdist | warning: {warning}", file=sys.stderr)
+    from gptdist.data.sources import resolve_sources
+
+    for src in resolve_sources(cfg.data):  # what each source stands for: symlinks followed, duplicates removed
+        what = f"`datasets` hub dataset {src.hub[0]}" if src.hub is not None else f"{len(src.files)} file(s)"
+        print(f"gptdist | {src.describe()}: {what}")
     print(f"gptdist: {args.config} is valid for {args.world} rank(s): {checked.layout.describe()}")
     return 0
