@@ -17,6 +17,9 @@ class SourceSpec(BaseModel):
     text_field: Optional[str] = Field(None, description="overrides data.text_field for this source")
     name: Optional[str] = Field(None, description="`datasets` config name, for hub sources")
     split: str = Field("train", description="`datasets` split, for hub sources")
+    revision: Optional[str] = Field(None, min_length=1, description="the hub dataset's revision (a commit sha or "
+                                    "tag): pins what a hub source reads, so that a resume or a cached stream reads "
+                                    "the same version (recorded in every checkpoint)")
 
 
 class DataConfig(BaseModel):

@@ -133,8 +133,9 @@ class SourceReader:
         if ds is None:
             from datasets import load_dataset
 
-            name, config, split = self.src.hub  # type: ignore[misc]
-            ds = self._by_kind["hub"] = load_dataset(name, config, split=split, streaming=True)
+            name, config, split, revision = self.src.hub  # type: ignore[misc]
+            pinned = {"revision": revision} if revision else {}
+            ds = self._by_kind["hub"] = load_dataset(name, config, split=split, streaming=True, **pinned)
         return ds
 
     # -- failures -----------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ class ResolvedSource:
     text_field: str
     text_split: str
     files: List[SourceFile] = field(default_factory=list)
-    hub: Optional[Tuple[str, Optional[str], str]] = None  # (dataset name, config name, split)
+    # (dataset name, config name, split, revision): the revision pins the version read (None: the newest)
+    hub: Optional[Tuple[str, Optional[str], str, Optional[str]]] = None
 
     @property
     def key(self) -> str:
@@ -80,7 +81,7 @@ def resolve_source(spec: SourceSpec, index: int, cfg: DataConfig) -> ResolvedSou
     elif _looks_local(path):
         src.files = _local_files(os.path.expanduser(path), src)
     else:
-        src.hub = (path, spec.name, spec.split)
+        src.hub = (path, spec.name, spec.split, spec.revision)
     return src
 
 
