@@ -11,6 +11,34 @@ gptdist_number() {
   fi
 }
 
+# Credentials in a `tracking.uri=...` override (scheme://user:password@host or scheme://token@host) move into
+# MLflow's variables (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, inherited by the ranks) before any launcher logs its
+# command line; the arguments, with the URI left without them, are in the array `gptdist_args`.
+gptdist_lift_credentials() {
+  gptdist_args=()
+  local arg info re='^(tracking\.uri=[A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@(.*)$'
+  for arg in "$@"; do
+    if [[ "$arg" =~ $re ]]; then
+      info="${BASH_REMATCH[2]}"
+      arg="${BASH_REMATCH[1]}${BASH_REMATCH[3]}"
+      if [[ "$info" == *:* ]]; then
+        MLFLOW_TRACKING_USERNAME="$(gptdist_unquote "${info%%:*}")"
+        MLFLOW_TRACKING_PASSWORD="$(gptdist_unquote "${info#*:}")"
+        export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+      elif [[ -n "$info" ]]; then
+        MLFLOW_TRACKING_TOKEN="$(gptdist_unquote "$info")"
+        export MLFLOW_TRACKING_TOKEN
+      fi
+    fi
+    gptdist_args+=("$arg")
+  done
+}
+
+# %XX-decoding as Python's urllib.parse.unquote does it; the value travels in the environment, not on a command line.
+gptdist_unquote() {
+  GPTDIST_QUOTED="$1" python -c 'import os, sys, urllib.parse; sys.stdout.write(urllib.parse.unquote(os.environ["GPTDIST_QUOTED"]))'
+}
+
 # Number of GPUs on this node, 0 when there is none.
 gptdist_local_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then

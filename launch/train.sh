@@ -19,6 +19,8 @@ if [[ "$1" == --accelerate-config ]]; then
   shift 2
 fi
 
+gptdist_lift_credentials "$@"
+set -- "${gptdist_args[@]}"
 ranks="${GPUS_PER_NODE:-$(gptdist_local_gpus)}"
 if [[ "$ranks" == 0 ]]; then
   ranks=2

@@ -68,3 +68,24 @@ def test_mlflow_server_passes_options_after_double_dash(tmp_path):
     assert argv[0] == "server" and argv[-2:] == ["--allowed-hosts", "h:5000"], argv
     assert not (ROOT / "--allowed-hosts").exists() and not (ROOT / "h:5000").exists()
     assert (store / "artifacts").is_dir() and os.listdir(store) == ["artifacts"]
+
+
+def test_credentials_in_an_override_leave_the_command_line_before_the_launcher(tmp_path):
+    """launch/*.sh move user:password@ and token@ out of a tracking.uri=... override into MLflow's variables
+    before the launcher (which logs its command line) sees the arguments."""
+    script = tmp_path / "lift.sh"
+    script.write_text(
+        f"source {ROOT}/launch/common.sh\n"
+        "gptdist_lift_credentials cfg.yaml 'tracking.uri=http://al%40ice:s3cret%3APW@h:5000/x' train.steps=3\n"
+        'printf "%s\\n" "${gptdist_args[@]}" "$MLFLOW_TRACKING_USERNAME" "$MLFLOW_TRACKING_PASSWORD"\n'
+        "gptdist_lift_credentials 'tracking.uri=https://ghpTOKEN@h'\n"
+        'printf "%s\\n" "${gptdist_args[@]}" "$MLFLOW_TRACKING_TOKEN"\n')
+    proc = _bash([str(script)], {}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["cfg.yaml", "tracking.uri=http://h:5000/x", "train.steps=3", "al@ice",
+                                        "s3cret:PW", "tracking.uri=https://h", "ghpTOKEN"]
+    for name in ("train.sh", "node.sh", "accelerate.sh"):
+        text = (ROOT / "launch" / name).read_text()
+        lift = text.index('gptdist_lift_credentials "$@"')
+        assert lift < text.index("gptdist.cli check") and lift < text.index("exec " if name != "train.sh" else
+                                                                             "deepspeed --log_level"), name
