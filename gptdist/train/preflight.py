@@ -48,8 +48,13 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
 
     layout = Layout.resolve(cfg, world_size)
     check_writable(Path(cfg.run.dir), "run.dir")
-    if cfg.data.cache not in ("run", "off"):
-        check_writable(Path(cfg.data.cache), "data.cache")
+    if cfg.data.cache != "off":
+        cache = Path(cfg.run.dir) / "token_cache" if cfg.data.cache == "run" else Path(cfg.data.cache).expanduser()
+        if cfg.data.cache != "run":
+            check_writable(cache, "data.cache")
+        for part in ("index", "blocks"):  # a shared cache: the folders another user made must be writable too
+            if (cache / part).exists():
+                check_writable(cache / part, "data.cache")
     check_precision(cfg)
     check_deepspeed_config(cfg, layout)
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)

@@ -12,8 +12,8 @@ import pytest
 from gptdist.cli import main
 from tests.unit.config.conftest import refusal, snapshot
 
-# (overrides, environment, words the line must hold). {run}, {file}, {fresh}, {corpus}, {nostate}, {flipped} are
-# filled in; "world=N" is `check --world N`, and for `train` WORLD_SIZE=N.
+# (overrides, environment, words the line must hold). {run}, {file}, {fresh}, {corpus}, {nostate}, {flipped},
+# {cache} are filled in; "world=N" is `check --world N`, and for `train` WORLD_SIZE=N.
 CASES = [
     (["train.lr=.inf"], {}, ["train.lr=inf", "finite"]),
     (["train.lr=.nan"], {}, ["train.lr=nan", "finite"]),
@@ -42,6 +42,7 @@ CASES = [
     (["run.dir={file}/sub"], {}, ["run.dir=", "is a file, not a folder"]),
     (["data.cache=/proc/x"], {}, ["data.cache=/proc/x", "cannot be created"]),
     (["data.cache={file}"], {}, ["data.cache=", "existing file"]),
+    (["data.cache={cache}"], {}, ["data.cache=", "index", "existing file"]),
     (["train.seed=9"], {}, ["train.seed=7", "resume with train.seed=7"]),
     (["data.text_split=line"], {}, ["data section", "changed since the checkpoint"]),
     (["data.shuffle_buffer=16"], {}, ["data section", "restore the data section"]),
@@ -107,8 +108,11 @@ def test_bad_input(overrides, env, words, existing_run, tmp_path, corpus, capsys
     run, recipe = existing_run
     (tmp_path / "a-file").write_text("not a folder\n")
     nostate, flipped = _damaged(tmp_path, run / "checkpoints" / "step_00000002")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index").write_text("a file where the cache keeps a folder\n")
     fill = {"run": run, "file": tmp_path / "a-file", "fresh": tmp_path / "fresh", "corpus": corpus,
-            "nostate": nostate, "flipped": flipped}
+            "nostate": nostate, "flipped": flipped, "cache": cache}
     filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
     world = next((o.split("=")[1] for o in overrides if o.startswith("world=")), None)
     before = snapshot(run)
