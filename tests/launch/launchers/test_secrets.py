@@ -1,6 +1,7 @@
-"""No secret written down: credentials planted in tracking.uri (user:password@) and in $MLFLOW_TRACKING_URI
-(token@) reach the MLflow server only as the variables its client sends them from; no file of the run directory,
-of the server's store, and no line of the captured logs holds them, and the run is tracked all the same."""
+"""No secret written down: credentials planted in tracking.uri (user:password@ in the recipe, token@ on the command
+line) and in $MLFLOW_TRACKING_URI reach the MLflow server only as the variables its client sends them from; no file
+of the run directory, of the server's store, and no line of the captured logs holds them, and the run is tracked all
+the same."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def test_credentials_in_tracking_uri_are_written_nowhere(mlflow_server, tmp_path
                           checkpoint={"every": 1})
     first = launch(recipe, ranks=1)
     assert_ok(first)
-    # Resumed with the token form from the environment, and the recipe's URI left out: the run continues.
-    second = launch(recipe, ["train.steps=3", "tracking.uri=null"], ranks=1,
+    # Resumed with the token form typed on the command line (launch/train.sh lifts it before the deepspeed launcher
+    # logs its command) and a token in $MLFLOW_TRACKING_URI: the run continues in the same MLflow run.
+    second = launch(recipe, ["train.steps=3", f"tracking.uri=http://{TOKEN}@{host}"], ranks=1,
                     env={"MLFLOW_TRACKING_URI": f"http://{TOKEN}@{host}"})
     assert_ok(second)
 
