@@ -244,6 +244,9 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
     except _Refused as exc:
         raise UserError(f"config file {path} {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} nests lists or mappings too deeply to read; a recipe is a few sections "
+                        "of keys and values") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -294,7 +297,11 @@ def _apply_override(raw: Dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=_StrictLoader) if text.strip() else None
+    except _Refused as exc:
+        raise UserError(f"override {key}=...: {str(exc).split(': ', 1)[-1]}") from None
+    except RecursionError:
+        raise UserError(f"override {key}=...: the value nests lists or mappings too deeply to read") from None
     except yaml.YAMLError:
         value = text
     node = raw

@@ -37,6 +37,9 @@ CASES = [
     (["data.cache_scope=world"], {}, ["data.cache_scope='world'"]),
     (["foo.bar=1"], {}, ["unknown key foo"]),
     (["=3"], {}, ["override '=3'", "section.key=value"]),
+    (["train.steps=" + "[" * 5000 + "]" * 5000], {}, ["override train.steps=", "too deeply"]),
+    (["train={{steps: 3, steps: 4}}"], {}, ["override train=", "key 'steps' is given twice"]),
+    (["train.steps=&a 3"], {}, ["override train.steps=", "anchors"]),
     (["run.dir=/proc/x"], {}, ["run.dir=/proc/x", "cannot be created"]),
     (["run.dir={file}"], {}, ["run.dir=", "existing file"]),
     (["run.dir={file}/sub"], {}, ["run.dir=", "is a file, not a folder"]),
@@ -79,6 +82,8 @@ RECIPES = [
     ("=- train\n- model\n", ["must hold a mapping", "list"]),
     ("=train: [steps: 3\n", ["is not valid YAML"]),
     ("=train:\n\tsteps: 3\n", ["is not valid YAML"]),
+    ("=train: " + "[" * 5000 + "]" * 5000 + "\n", ["too deeply"]),
+    ("=train: !!python/object:os.system {}\n", ["is not valid YAML", "python/object"]),
 ]
 
 
