@@ -205,7 +205,10 @@ def validate_file(path: str, kind: str, text_field: str, *, max_bytes: Optional[
     offset = 0
     with fh:
         while max_bytes is None or offset < max_bytes:
-            chunk = fh.read(4 << 20)
+            try:
+                chunk = fh.read(4 << 20)
+            except OSError as exc:  # a device, a file on a failing disk, /proc/self/mem
+                raise BadFile(f"cannot be read ({exc.strerror or exc})") from None
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:

@@ -55,7 +55,8 @@ class ResolvedSource:
         return 1 if self.hub is not None else len(self.files)
 
     def describe(self) -> str:
-        return f"{self.key}={self.spec_path!r}"
+        shown = repr(self.spec_path)
+        return f"{self.key}={shown if len(shown) <= 130 else shown[:120] + '...' + shown[-1]}"
 
 
 def resolve_sources(cfg: DataConfig) -> List[ResolvedSource]:

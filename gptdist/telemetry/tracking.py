@@ -238,10 +238,17 @@ def preflight(cfg: TrackingConfig, run_dir: Path) -> Optional[str]:
     if not cfg.enabled:
         return None
     uri = tracking_uri(cfg, run_dir)
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+        port = parsed.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        where = "tracking.uri" if cfg.uri else "$MLFLOW_TRACKING_URI"
+        raise UserError(f"{where}={uri[:120]!r} is not a valid URI ({exc}); write e.g. http://HOST:5000") from None
     if parsed.scheme not in ("http", "https"):
         return None
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if not parsed.hostname:
+        raise UserError(f"tracking URI {uri[:120]!r} names no host; write e.g. http://HOST:5000")
+    port = port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname, port), timeout=5):
             return None

@@ -88,6 +88,11 @@ def check_writable(path: Path, key: str) -> None:
     import tempfile
 
     where = f"{key}={str(path)[:120]}"
+    try:
+        path.exists()
+    except OSError as exc:  # a name too long for the file system
+        why = exc.strerror or exc
+        raise UserError(f"{where} is not a usable path ({why}); choose another path for {key}") from None
     if path.exists() and not path.is_dir():
         raise UserError(f"{where} is an existing file, not a folder; choose a folder path for {key}")
     parent = path

@@ -13,7 +13,8 @@ from gptdist.cli import main
 from tests.unit.config.conftest import refusal, snapshot
 
 # (overrides, environment, words the line must hold). {run}, {file}, {fresh}, {corpus}, {nostate}, {flipped},
-# {cache} are filled in; "world=N" is `check --world N`, and for `train` WORLD_SIZE=N.
+# {cache}, {long} (a path too long for the file system) are filled in; "world=N" is `check --world N`, and for
+# `train` WORLD_SIZE=N.
 CASES = [
     (["train.lr=.inf"], {}, ["train.lr=inf", "finite"]),
     (["train.lr=.nan"], {}, ["train.lr=nan", "finite"]),
@@ -46,6 +47,16 @@ CASES = [
     (["data.cache=/proc/x"], {}, ["data.cache=/proc/x", "cannot be created"]),
     (["data.cache={file}"], {}, ["data.cache=", "existing file"]),
     (["data.cache={cache}"], {}, ["data.cache=", "index", "existing file"]),
+    (["run.dir={long}"], {}, ["run.dir=/tmp/aaa", "not a usable path"]),
+    (["data.cache={long}"], {}, ["data.cache=/tmp/aaa", "not a usable path"]),
+    (["data.sources={long}.txt"], {}, ["data.sources[0].path='/tmp/aaa", "no such file"]),
+    (["data.sources={long}/*.txt"], {}, ["data.sources[0].path='/tmp/aaa", "matches nothing"]),
+    (["data.tokenizer={long}"], {}, ["data.tokenizer='/tmp/aaa", "not a usable path"]),
+    (["train.deepspeed_config={long}"], {}, ["train.deepspeed_config='/tmp/aaa", "no such file"]),
+    (["data.sources=/proc/self/mem"], {}, ["/proc/self/mem", "cannot be read"]),
+    (["tracking.enabled=true", "tracking.uri=http://[::1"], {}, ["tracking.uri='http://[::1'", "not a valid URI"]),
+    (["tracking.enabled=true", "tracking.uri=http://h:99999"], {}, ["Port out of range", "not a valid URI"]),
+    (["tracking.enabled=true", "tracking.uri=http://"], {}, ["names no host"]),
     (["train.seed=9"], {}, ["train.seed=7", "resume with train.seed=7"]),
     (["data.text_split=line"], {}, ["data section", "changed since the checkpoint"]),
     (["data.shuffle_buffer=16"], {}, ["data section", "restore the data section"]),
@@ -117,7 +128,7 @@ def test_bad_input(overrides, env, words, existing_run, tmp_path, corpus, capsys
     cache.mkdir()
     (cache / "index").write_text("a file where the cache keeps a folder\n")
     fill = {"run": run, "file": tmp_path / "a-file", "fresh": tmp_path / "fresh", "corpus": corpus,
-            "nostate": nostate, "flipped": flipped, "cache": cache}
+            "nostate": nostate, "flipped": flipped, "cache": cache, "long": "/tmp/" + "a" * 5000}
     filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
     world = next((o.split("=")[1] for o in overrides if o.startswith("world=")), None)
     before = snapshot(run)
