@@ -48,6 +48,7 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
 
     layout = Layout.resolve(cfg, world_size)
     check_writable(Path(cfg.run.dir), "run.dir")
+    check_checkpoint_folder(Path(cfg.run.dir))
     if cfg.data.cache != "off":
         cache = Path(cfg.run.dir) / "token_cache" if cfg.data.cache == "run" else Path(cfg.data.cache).expanduser()
         if cfg.data.cache != "run":
@@ -113,6 +114,24 @@ def check_writable(path: Path, key: str) -> None:
         verb = "is not writable" if parent == path else f"cannot be created in {parent}"
         raise UserError(f"{where} {verb} ({exc.strerror or type(exc).__name__}); choose a folder this user may write "
                         f"for {key}") from None
+
+
+def check_checkpoint_folder(run_dir: Path) -> None:
+    """What a disk can leave where saves go: RUN_DIR/checkpoints a file, or its `latest` a folder, would let the run
+    train and then fail every save."""
+    from gptdist.checkpoint.manifest import LATEST
+    from gptdist.checkpoint.store import checkpoint_root
+
+    root = checkpoint_root(run_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file where run.dir keeps its checkpoints folder; move it away or choose "
+                        "another run.dir")
+    latest = root / LATEST
+    if latest.exists() and not latest.is_file():
+        raise UserError(f"{latest} is not a file (it names the newest checkpoint); remove it, gptdist writes it at "
+                        "the next save")
+    if root.is_dir():
+        check_writable(root, "run.dir")
 
 
 def check_precision(cfg: RunConfig) -> None:

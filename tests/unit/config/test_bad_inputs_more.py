@@ -13,8 +13,8 @@ from gptdist.cli import main
 from tests.unit.config.conftest import refusal, snapshot
 
 # (overrides, environment, words the line must hold). {run}, {file}, {fresh}, {corpus}, {nostate}, {flipped},
-# {cache}, {long} (a path too long for the file system) are filled in; "world=N" is `check --world N`, and for
-# `train` WORLD_SIZE=N.
+# {cache}, {long} (a path too long for the file system), {ckfile}, {latestdir} are filled in; "world=N" is
+# `check --world N`, and for `train` WORLD_SIZE=N.
 CASES = [
     (["train.lr=.inf"], {}, ["train.lr=inf", "finite"]),
     (["train.lr=.nan"], {}, ["train.lr=nan", "finite"]),
@@ -57,6 +57,8 @@ CASES = [
     (["tracking.enabled=true", "tracking.uri=http://[::1"], {}, ["tracking.uri='http://[::1'", "not a valid URI"]),
     (["tracking.enabled=true", "tracking.uri=http://h:99999"], {}, ["Port out of range", "not a valid URI"]),
     (["tracking.enabled=true", "tracking.uri=http://"], {}, ["names no host"]),
+    (["run.dir={ckfile}"], {}, ["checkpoints is a file", "another run.dir"]),
+    (["run.dir={latestdir}"], {}, ["latest is not a file", "remove it"]),
     (["train.seed=9"], {}, ["train.seed=7", "resume with train.seed=7"]),
     (["data.text_split=line"], {}, ["data section", "changed since the checkpoint"]),
     (["data.shuffle_buffer=16"], {}, ["data section", "restore the data section"]),
@@ -127,7 +129,11 @@ def test_bad_input(overrides, env, words, existing_run, tmp_path, corpus, capsys
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "index").write_text("a file where the cache keeps a folder\n")
-    fill = {"run": run, "file": tmp_path / "a-file", "fresh": tmp_path / "fresh", "corpus": corpus,
+    (tmp_path / "ckfile").mkdir()
+    (tmp_path / "ckfile" / "checkpoints").write_text("not a folder\n")
+    (tmp_path / "latestdir" / "checkpoints" / "latest").mkdir(parents=True)
+    fill = {"ckfile": tmp_path / "ckfile", "latestdir": tmp_path / "latestdir",
+            "run": run, "file": tmp_path / "a-file", "fresh": tmp_path / "fresh", "corpus": corpus,
             "nostate": nostate, "flipped": flipped, "cache": cache, "long": "/tmp/" + "a" * 5000}
     filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
     world = next((o.split("=")[1] for o in overrides if o.startswith("world=")), None)
