@@ -81,7 +81,9 @@ def stream_key(plan: DataPlan) -> str:
     parts = [plan.digest, str(plan.seed)]
     for src in plan.sources:
         for f in src.files:
-            parts.append(file_key(f, src.text_split, src.text_field) if indexable(f) else f"{f.path}|stream")
+            # Compressed files too: their real path, size, time and head/tail fingerprint, not only their name.
+            key = file_key(f, src.text_split, src.text_field)
+            parts.append(key if indexable(f) else f"{key}|stream")
         if src.hub is not None:
             parts.append("hub:" + "|".join(str(x) for x in src.hub))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
