@@ -45,8 +45,8 @@ class ParallelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(100, ge=1, description="optimizer steps to train")
-    micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward/backward")
+    steps: int = Field(100, ge=1, le=10**12, description="optimizer steps to train")
+    micro_batch_size: int = Field(8, ge=1, le=1 << 20, description="samples per rank per forward/backward")
     global_batch_size: Optional[int] = Field(
         None, ge=1, description="samples per optimizer step over all ranks (default micro_batch_size * dp)"
     )

@@ -26,6 +26,8 @@ CASES = [
     (["train.peak_flops=.inf"], {}, ["train.peak_flops=inf", "finite"]),
     (["train.weight_decay=-.inf"], {}, ["train.weight_decay=-inf", "finite"]),
     (["data.sources=[{{path: {corpus}, weight: .inf}}]"], {}, ["data.sources.0.weight", "finite"]),
+    (["model.seq_len=1000000000"], {}, ["model.seq_len=1000000000", "less than or equal to 1048576"]),
+    (["train.steps=99999999999999999999"], {}, ["train.steps=99999999999999999999", "less than or equal"]),
     (["train.beta1=1"], {}, ["train.beta1=1", "less than 1"]),
     (["train.grad_clip=-1"], {}, ["train.grad_clip=-1"]),
     (["train.micro_batch_size=0"], {}, ["train.micro_batch_size=0"]),
