@@ -71,8 +71,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"gptdist: {err}", file=sys.stderr)
+        print(f"gptdist: {one_line(str(err))}", file=sys.stderr)
         return UserError.exit_code
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """A refusal as one line of at most `limit` characters: a value echoed from the input (a path, a YAML value)
+    cannot stretch it; the start (what is wrong) and the end (the fix) are kept."""
+    text = " ".join(message.split())
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
 
 
 if __name__ == "__main__":

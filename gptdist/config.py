@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,7 +24,7 @@ from gptdist.model.config import GPTConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class ParallelConfig(_Section):
@@ -44,8 +45,8 @@ class ParallelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(100, ge=1, description="optimizer steps to train")
-    micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward/backward")
+    steps: int = Field(100, ge=1, le=10**12, description="optimizer steps to train")
+    micro_batch_size: int = Field(8, ge=1, le=1 << 20, description="samples per rank per forward/backward")
     global_batch_size: Optional[int] = Field(
         None, ge=1, description="samples per optimizer step over all ranks (default micro_batch_size * dp)"
     )
@@ -93,7 +94,7 @@ class TrackingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True, populate_by_name=True)
 
     every: int = Field(0, ge=0, description="save every N optimizer steps (0: only at the end)")
     keep: int = Field(3, ge=1, description="newest complete checkpoints kept")
@@ -190,16 +191,62 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Ru
     if isinstance(raw["run"], dict):
         raw["run"].setdefault("dir", f"runs/{Path(path).stem if path is not None else 'default'}")
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise UserError(_describe(err, raw)) from None
+    lift_credentials(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Credentials in a tracking URI: taken out of the config (and of $MLFLOW_TRACKING_URI) into the variables MLflow
+# reads them from, so that config.yaml, checkpoints, MLflow params/tags and logs only ever see the URI without them.
+
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@]*)@(?P<rest>.*)$", re.DOTALL)
+
+
+def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
+    """'http://alice:pw@host:5000' -> ('http://host:5000', {MLFLOW_TRACKING_USERNAME: alice, ..._PASSWORD: pw});
+    'https://TOKEN@host' -> ('https://host', {MLFLOW_TRACKING_TOKEN: TOKEN}); a URI without credentials unchanged."""
+    from urllib.parse import unquote
+
+    match = _USERINFO.match(uri)
+    if match is None:
+        return uri, {}
+    user, colon, password = match.group("userinfo").partition(":")
+    if colon:
+        found = {"MLFLOW_TRACKING_USERNAME": unquote(user), "MLFLOW_TRACKING_PASSWORD": unquote(password)}
+    else:
+        found = {"MLFLOW_TRACKING_TOKEN": unquote(user)}
+    return match.group("scheme") + match.group("rest"), {k: v for k, v in found.items() if v}
+
+
+def lift_credentials(cfg: RunConfig, env: Optional[Dict[str, str]] = None) -> None:
+    """Moves credentials out of tracking.uri and $MLFLOW_TRACKING_URI into this process's environment (where
+    MLflow's client reads them, and where the ranks a launcher starts inherit them)."""
+    import os
+
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if env.get("MLFLOW_TRACKING_URI"):
+        bare, found = split_credentials(env["MLFLOW_TRACKING_URI"])
+        env["MLFLOW_TRACKING_URI"] = bare
+        env.update(found)
+    if cfg.tracking.uri:
+        bare, found = split_credentials(cfg.tracking.uri)
+        cfg.tracking.uri = bare
+        env.update(found)
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass the path of a YAML recipe, e.g. configs/tiny-cpu.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
+    except _Refused as exc:
+        raise UserError(f"config file {path} {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} nests lists or mappings too deeply to read; a recipe is a few sections "
+                        "of keys and values") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -212,13 +259,49 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+class _Refused(Exception):
+    """A YAML construct a recipe may not use; the message says where and what to write instead."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, less what hides a mistake: a key given twice (the second silently won), and anchors and
+    aliases (a few lines of nested aliases expand to gigabytes; a recipe spells each value out)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _Refused(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a recipe; write the value "
+                           "out in full")
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors (&{event.anchor[:40]}) are not allowed "
+                           "in a recipe; write each value out in full")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Refused(f"line {line}: key {key[:60]!r} is given twice (first on line {seen[key]}); keep "
+                                   "one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _apply_override(raw: Dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=_StrictLoader) if text.strip() else None
+    except _Refused as exc:
+        raise UserError(f"override {key}=...: {str(exc).split(': ', 1)[-1]}") from None
+    except RecursionError:
+        raise UserError(f"override {key}=...: the value nests lists or mappings too deeply to read") from None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -249,7 +332,21 @@ def _describe(err: ValidationError, raw: Dict[str, Any]) -> str:
         msg = msg[len("Value error, "):]
     if first["type"] in ("value_error", "assertion_error") or "input" not in first:
         return f"config error: {key}: {msg}"
-    return f"config error: {key}={first['input']!r}: {msg}"
+    given = repr(first["input"])
+    given = given if len(given) <= 80 else f"{given[:70]}...({len(given)} characters)"
+    if msg == "Input should be a finite number":
+        default = _default_of(loc)
+        msg += "; write a finite number" + (f" such as the default, {default}" if default is not None else "")
+    return f"config error: {key}={given}: {msg}"
+
+
+def _default_of(loc: List[str]) -> Any:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    return getattr(field, "default", None) if field is not None else None
 
 
 def _known_keys(section_loc: List[str]) -> List[str]:

@@ -40,6 +40,8 @@ else
   # No file: accelerate's defaults, said out loud (otherwise it prints a warning listing them).
   accelerate_args=(--mixed_precision no)
 fi
+gptdist_lift_credentials "$@"
+set -- "${gptdist_args[@]}"
 gptdist_node_layout accelerate.sh no
 
 gptdist_cpu_env "$ranks"

@@ -1,5 +1,44 @@
 # Helpers shared by the launch scripts (sourced, not run).
 
+# gptdist_number WHO NAME VALUE MIN [MAX]: VALUE must be a whole number in MIN..MAX before any arithmetic sees it
+# (bash arithmetic evaluates a variable name or array subscript it is handed, and a command substitution inside
+# one: GPUS_PER_NODE='BASH_VERSINFO[$(cmd)0]' would run cmd). Exits 2 with one line otherwise.
+gptdist_number() {
+  local who="$1" name="$2" value="$3" min="$4" max="${5:-999999999}"
+  if [[ ! "$value" =~ ^[0-9]{1,9}$ ]] || (( 10#$value < min || 10#$value > max )); then
+    printf '%s: %s=%q is not a whole number in %s..%s\n' "$who" "$name" "${value:0:60}" "$min" "$max" >&2
+    exit 2
+  fi
+}
+
+# Credentials in a `tracking.uri=...` override (scheme://user:password@host or scheme://token@host) move into
+# MLflow's variables (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, inherited by the ranks) before any launcher logs its
+# command line; the arguments, with the URI left without them, are in the array `gptdist_args`.
+gptdist_lift_credentials() {
+  gptdist_args=()
+  local arg info re='^(tracking\.uri=[A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@(.*)$'
+  for arg in "$@"; do
+    if [[ "$arg" =~ $re ]]; then
+      info="${BASH_REMATCH[2]}"
+      arg="${BASH_REMATCH[1]}${BASH_REMATCH[3]}"
+      if [[ "$info" == *:* ]]; then
+        MLFLOW_TRACKING_USERNAME="$(gptdist_unquote "${info%%:*}")"
+        MLFLOW_TRACKING_PASSWORD="$(gptdist_unquote "${info#*:}")"
+        export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+      elif [[ -n "$info" ]]; then
+        MLFLOW_TRACKING_TOKEN="$(gptdist_unquote "$info")"
+        export MLFLOW_TRACKING_TOKEN
+      fi
+    fi
+    gptdist_args+=("$arg")
+  done
+}
+
+# %XX-decoding as Python's urllib.parse.unquote does it; the value travels in the environment, not on a command line.
+gptdist_unquote() {
+  GPTDIST_QUOTED="$1" python -c 'import os, sys, urllib.parse; sys.stdout.write(urllib.parse.unquote(os.environ["GPTDIST_QUOTED"]))'
+}
+
 # Number of GPUs on this node, 0 when there is none.
 gptdist_local_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -13,6 +52,7 @@ gptdist_local_gpus() {
 # thread counts, ranks oversubscribe the cores and run many times slower).
 gptdist_cpu_env() {
   local ranks="$1"
+  gptdist_number gptdist GPUS_PER_NODE "$ranks" 1 100000
   if [[ "$(gptdist_local_gpus)" == 0 ]]; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
     local cores
@@ -73,6 +113,9 @@ gptdist_node_layout() {
   if [[ "$ranks" == 0 ]]; then
     ranks=2
   fi
+  gptdist_number "$who" NUM_NODES "$num_nodes" 1 100000
+  gptdist_number "$who" NODE_RANK "$node_rank" 0 $((10#$num_nodes - 1))
+  gptdist_number "$who" GPUS_PER_NODE "$ranks" 1 100000
   hosts=()
   if [[ -n "${NODE_HOSTS:-}" ]]; then
     read -r -a hosts <<< "${NODE_HOSTS//,/ }"
@@ -85,9 +128,6 @@ gptdist_node_layout() {
   elif [[ -z "${MASTER_ADDR:-}" ]]; then
     fail "NUM_NODES=$num_nodes but no MASTER_ADDR: set it to the address of node 0 (or NODE_HOSTS to the nodes' names)"
   fi
-  [[ "$num_nodes" =~ ^[1-9][0-9]*$ ]] || fail "NUM_NODES=$num_nodes is not a positive number"
-  [[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$num_nodes" ]] || fail "NODE_RANK=$node_rank is not in 0..$((num_nodes - 1))"
-  [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || fail "GPUS_PER_NODE=$ranks is not a positive number"
   if [[ "${#hosts[@]}" -gt 0 ]]; then
     # The launcher silently drops hosts beyond --num_nodes and refuses duplicates; say so plainly instead.
     [[ "${#hosts[@]}" -ge "$num_nodes" ]] || fail "NUM_NODES=$num_nodes but only ${#hosts[@]} host(s) given: ${hosts[*]}"
@@ -99,11 +139,14 @@ gptdist_node_layout() {
 
   master_addr="${MASTER_ADDR:-${hosts[0]}}"
   if [[ -n "${MASTER_PORT:-}" ]]; then
+    gptdist_number "$who" MASTER_PORT "$MASTER_PORT" 1 65535
     master_port="$MASTER_PORT"
   elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    gptdist_number "$who" SLURM_JOB_ID "$SLURM_JOB_ID" 0
+    gptdist_number "$who" SLURM_RESTART_COUNT "${SLURM_RESTART_COUNT:-0}" 0
     # Every node computes the same port with no communication; two jobs on one node (or a job and its requeued
     # self, whose old sockets may linger) get different ones.
-    master_port=$((20000 + (SLURM_JOB_ID % 3000) * 10 + ${SLURM_RESTART_COUNT:-0} % 10))
+    master_port=$((20000 + (10#$SLURM_JOB_ID % 3000) * 10 + 10#${SLURM_RESTART_COUNT:-0} % 10))
   elif [[ "$num_nodes" == 1 ]]; then
     master_port="$(gptdist_free_port)"
   else

@@ -16,19 +16,21 @@ workers=2
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --host) host="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    --store) store="$2"; shift 2 ;;
-    --workers) workers="$2"; shift 2 ;;
+    --host|--port|--store|--workers)
+      [[ $# -ge 2 ]] || { echo "mlflow-server.sh: $1 needs a value" >&2; exit 2; }
+      case "$1" in --host) host="$2" ;; --port) port="$2" ;; --store) store="$2" ;; --workers) workers="$2" ;; esac
+      shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "usage: launch/mlflow-server.sh [--host H] [--port P] [--store DIR] [--workers N] [-- OPTIONS]" >&2; exit 2 ;;
   esac
 done
-[[ "$port" =~ ^[0-9]+$ ]] || { echo "mlflow-server.sh: --port $port is not a number" >&2; exit 2; }
+[[ "$port" =~ ^[0-9]{1,5}$ ]] && (( 10#$port >= 1 && 10#$port <= 65535 )) \
+  || { echo "mlflow-server.sh: --port $port is not a port number (1..65535)" >&2; exit 2; }
+[[ "$workers" =~ ^[1-9][0-9]{0,2}$ ]] || { echo "mlflow-server.sh: --workers $workers is not a whole number in 1..999" >&2; exit 2; }
 command -v mlflow >/dev/null || { echo "mlflow-server.sh: mlflow not found: bash launch/setup.sh installs it" >&2; exit 2; }
 
-mkdir -p "$store/artifacts" "${extra[@]}"
+mkdir -p "$store/artifacts"
 store="$(cd "$store" && pwd)"
 # The address clients use: a server bound to every interface is reached by this machine's name.
 shown="$host"

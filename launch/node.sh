@@ -32,6 +32,8 @@ if [[ "$1" == --accelerate-config ]]; then
   accelerate_args=(--accelerate-config "$GPTDIST_ACCELERATE_CONFIG")
   shift 2
 fi
+gptdist_lift_credentials "$@"
+set -- "${gptdist_args[@]}"
 gptdist_node_layout node.sh yes
 
 gptdist_cpu_env "$ranks"

@@ -19,12 +19,16 @@ if [[ "$1" == --accelerate-config ]]; then
   shift 2
 fi
 
+gptdist_lift_credentials "$@"
+set -- "${gptdist_args[@]}"
 ranks="${GPUS_PER_NODE:-$(gptdist_local_gpus)}"
 if [[ "$ranks" == 0 ]]; then
   ranks=2
 fi
+gptdist_number train.sh GPUS_PER_NODE "$ranks" 1 100000
 gptdist_cpu_env "$ranks"
 port="${MASTER_PORT:-$(gptdist_free_port)}"
+gptdist_number train.sh MASTER_PORT "$port" 1 65535
 
 # Refuse a bad config or layout once, here, instead of once per rank after the launcher has started them all.
 python -m gptdist.cli check "$@" "${accelerate_args[@]}" --world "$ranks"

@@ -10,13 +10,19 @@
 set -euo pipefail
 
 NODES="${LOCAL_SLURM_NODES:-2}"
+# A whole number before any arithmetic sees it (bash arithmetic would evaluate a name or subscript it is given).
+if [[ ! "$NODES" =~ ^[1-9][0-9]{0,2}$ ]]; then
+  echo "local-cluster: LOCAL_SLURM_NODES=${NODES:0:40} is not a whole number in 1..999" >&2
+  exit 2
+fi
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 MARK="# written by gptdist slurm/local-cluster.sh"
 HOSTS_MARK="# gptdist local slurm cluster"
-STATE=/run/gptdist-local-cluster          # what `up` started, so that `down` stops only that
-CTLD_PID=/run/slurmctld.pid
-MUNGE_PID=/run/munge/munged.pid
+RUN="${LOCAL_SLURM_RUN_DIR:-/run}"       # where the pid files and the state below live (another folder: tests)
+STATE="$RUN/gptdist-local-cluster"        # what `up` started and created, so that `down` undoes only that
+CTLD_PID="$RUN/slurmctld.pid"
+MUNGE_PID="$RUN/munge/munged.pid"
 LOG_DIR=/var/log/slurm
 NODE_PORT_BASE=17000                      # node I listens on 17000+I: all slurmd share one network namespace
 
@@ -24,15 +30,31 @@ say() { echo "local-cluster: $*"; }
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 node_names() { local i; for ((i = 1; i <= NODES; i++)); do echo "node$i"; done; }
-slurmd_pidfile() { echo "/run/slurmd-$1.pid"; }
+slurmd_pidfile() { echo "$RUN/slurmd-$1.pid"; }
 
-# The PID in a pid file, if that process is alive.
+# The daemon a pid file belongs to.
+daemon_of() {
+  case "$(basename "$1")" in
+    slurmctld.pid) echo slurmctld ;;
+    slurmd-*.pid) echo slurmd ;;
+    munged.pid) echo munged ;;
+  esac
+}
+
+# The PID in a pid file, if that process is alive and is the daemon the file is for: a stale pid file whose number
+# now belongs to an unrelated process names nothing (/proc/PID/comm tells).
 live_pid() {
-  local file="$1" pid
+  local file="$1" pid comm
   [[ -s "$file" ]] || return 1
   pid="$(tr -dc '0-9' < "$file")"
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+  comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+  [[ -n "$comm" && "$comm" == "$(daemon_of "$file")" ]] || return 1
+  echo "$pid"
 }
+
+# Remember that `up` created PATH (a file that was not there), so that `down` removes it again.
+created() { mkdir -p "$STATE"; echo "$1" >> "$STATE/created"; }
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -44,12 +66,16 @@ install_packages() {
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d
+    policy_made=yes
   fi
   say "installing slurmctld, slurmd, slurm-client and munge"
   export DEBIAN_FRONTEND=noninteractive
   if ! apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; then
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  fi
+  if [[ "${policy_made:-}" == yes ]]; then
+    rm -f /usr/sbin/policy-rc.d  # only needed while the packages install
   fi
 }
 
@@ -89,7 +115,7 @@ StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmctldPidFile=$CTLD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdSpoolDir=/var/spool/slurmd/%n
-SlurmdPidFile=/run/slurmd-%n.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 EOF
     for node in $(node_names); do
@@ -103,13 +129,17 @@ EOF
       rm -f "$new"
       die "$CONF would change while the cluster runs: run '$0 down' first"
     fi
+    [[ -e "$CONF" ]] || created "$CONF"
     mv "$new" "$CONF"
     chmod 644 "$CONF"
   else
     rm -f "$new"
   fi
   # slurmd starts even where no cgroup file system is usable once the plugin is pinned.
-  [[ -e "$CONF_DIR/cgroup.conf" ]] || echo "CgroupPlugin=cgroup/v1" > "$CONF_DIR/cgroup.conf"
+  if [[ ! -e "$CONF_DIR/cgroup.conf" ]]; then
+    echo "CgroupPlugin=cgroup/v1" > "$CONF_DIR/cgroup.conf"
+    created "$CONF_DIR/cgroup.conf"
+  fi
   for node in $(node_names); do mkdir -p "/var/spool/slurmd/$node"; done
 }
 
@@ -117,9 +147,13 @@ EOF
 add_hosts_line() {
   grep -qF "$HOSTS_MARK" /etc/hosts && return
   echo "127.0.0.1 $(node_names | tr '\n' ' ')$HOSTS_MARK" >> /etc/hosts
+  mkdir -p "$STATE"
+  touch "$STATE/hosts-line"
 }
 
 remove_hosts_line() {
+  [[ -e "$STATE/hosts-line" ]] || return 0  # only the line this script's `up` added
+  rm -f "$STATE/hosts-line"
   grep -qF "$HOSTS_MARK" /etc/hosts || return 0
   # /etc/hosts may be a bind mount: rewrite it in place rather than replacing the file.
   local kept
@@ -133,6 +167,7 @@ start_munge() {
   fi
   if [[ ! -s /etc/munge/munge.key ]]; then
     mungekey --create --keyfile /etc/munge/munge.key
+    created /etc/munge/munge.key
   fi
   chown munge: /etc/munge/munge.key
   chmod 600 /etc/munge/munge.key
@@ -219,6 +254,18 @@ cmd_down() {
     rm -f "$STATE/munged"
   fi
   remove_hosts_line
+  # What `up` created, removed again (a file someone changed since is kept: it is theirs now).
+  if [[ -s "$STATE/created" ]]; then
+    local path
+    while IFS= read -r path; do
+      case "$path" in
+        "$CONF") grep -qxF "$MARK" "$path" 2>/dev/null && rm -f "$path" ;;
+        "$CONF_DIR/cgroup.conf") [[ "$(cat "$path" 2>/dev/null)" == "CgroupPlugin=cgroup/v1" ]] && rm -f "$path" ;;
+        /etc/munge/munge.key) rm -f "$path" ;;
+      esac
+    done < "$STATE/created"
+    rm -f "$STATE/created"
+  fi
   say "down"
 }
 

@@ -62,3 +62,8 @@ def tiny(tmp_path_factory) -> Dict[str, object]:
         files.append(path)
     tok = train_tokenizer([str(corpus)], 384, root / "tok", text_split="paragraph")
     return {"corpus": corpus, "files": files, "tokenizer": str(root / "tok" / "tokenizer.json"), "tok": tok}
+
+
+def snapshot_tree(folder: Path) -> Dict[str, int]:
+    """Every file under a folder with its size: what a refused command must leave as it was."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.errors import UserError
+from gptdist.launchers.child import run_group
 from gptdist.machine import usable_cores
 from gptdist.telemetry.profiling import read_profiles
 
@@ -125,10 +125,9 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
            *run.all_overrides(steps, run_dir, ds_file), *user_overrides]
     outcome = Outcome(run, threads=threads)
     log = run_dir / "log.txt"
-    try:
-        with open(log, "w", encoding="utf-8") as fh:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    # Its own process group: a time-out stops the launcher and every rank it started, not only the shell.
+    status = run_group(cmd, cwd=ROOT, env=env, log=log, timeout=timeout)
+    if status is None:
         outcome.error = f"timed out after {timeout:.0f} s (log: {log})"
         return outcome
     outcome.profile = read_profiles(run_dir)
@@ -136,7 +135,7 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
     # A run that finished its steps counts even if the launcher's exit was unclean (gloo teardown, see notes).
     if not (run_dir / "run_complete.json").exists() or not metrics.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        outcome.error = f"exit {proc.returncode}: {' / '.join(tail)[-300:]} (log: {log})"
+        outcome.error = f"exit {status}: {' / '.join(tail)[-300:]} (log: {log})"
         return outcome
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     records = [r for r in records if "tokens_per_s" in r]  # training steps, not validation records

@@ -41,9 +41,23 @@ def plan_resume(cfg, tokenizer_identity: str, report: Callable[[str], None]) -> 
         candidates = own
     else:
         candidates = named_candidates(Path(spec), report, key="resume=")
+    plans: List[Any] = []  # the data plan, made once and only when there is a checkpoint to check
     for folder in candidates:
-        check_compatible(cfg, read_state(folder), tokenizer_identity, folder)
+        state = read_state(folder)
+        check_compatible(cfg, state, tokenizer_identity, folder)
+        check_data_position(cfg, state, plans)
     return candidates
+
+
+def check_data_position(cfg, state: Dict[str, Any], plans: List[Any]) -> None:
+    """The checkpoint's data position against this config (seq_len, seed, the data section): the same check, and the
+    same line, as the data feed makes when it starts from it (data/packing.py), made here before any process group."""
+    from gptdist.data.loader import make_plan
+    from gptdist.data.packing import parse_state
+
+    if not plans:
+        plans.append(make_plan(cfg.data, cfg.train.seed)[0])
+    parse_state(state.get("data_state"), plans[0], cfg.model.seq_len)
 
 
 def check_compatible(cfg, state: Dict[str, Any], tokenizer_identity: str, folder: Path) -> None:
@@ -58,6 +72,12 @@ def check_compatible(cfg, state: Dict[str, Any], tokenizer_identity: str, folder
                 f"resume: checkpoint {folder} was trained with model.{key}={saved_model.get(key)!r}, the config "
                 f"says {current[key]!r}; a checkpoint resumes only the same model (use another run.dir to start anew)"
             )
+    step = state.get("step")
+    if isinstance(step, int) and step > cfg.train.steps:
+        raise UserError(
+            f"resume: checkpoint {folder} is at step {step}, past train.steps={cfg.train.steps}; set train.steps "
+            f"to {step} or more to go on from it, or use another run.dir to start anew"
+        )
     saved_tok = state.get("tokenizer")
     if saved_tok and saved_tok != tokenizer_identity:
         raise UserError(

@@ -61,6 +61,8 @@ class SafetensorsFile:
         self._data_start = 8 + length
         data_size = size - self._data_start
         self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
+        if not (isinstance(self.metadata, dict) and all(isinstance(v, str) for v in self.metadata.values())):
+            self._bad("its __metadata__ is not a mapping of strings")
         self._entries: Dict[str, dict] = {}
         for name, entry in header.items():
             self._entries[name] = self._checked(name, entry, data_size)

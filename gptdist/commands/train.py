@@ -76,5 +76,15 @@ def _run_check(args: argparse.Namespace) -> int:
         warnings.append(checked.tracking_warning)
     for warning in warnings:
         print(f"gptdist | warning: {warning}", file=sys.stderr)
+    from gptdist.data.sources import resolve_sources
+
+    for src in resolve_sources(cfg.data):  # what each source stands for: symlinks followed, duplicates removed
+        what = f"{len(src.files)} file(s)"
+        if src.hub is not None:
+            revision = src.hub[3]
+            what = f"`datasets` hub dataset {src.hub[0]} at revision {revision}" if revision else (
+                f"`datasets` hub dataset {src.hub[0]}, not pinned: its newest version is read, and a resume may read "
+                "another; set the source's revision: to a commit sha or tag")
+        print(f"gptdist | {src.describe()}: {what}")
     print(f"gptdist: {args.config} is valid for {args.world} rank(s): {checked.layout.describe()}")
     return 0

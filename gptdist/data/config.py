@@ -10,17 +10,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class SourceSpec(BaseModel):
     """One data source: a file, glob, folder, `pkg://package/relative/glob`, or a `datasets` hub name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field(..., min_length=1)
     weight: float = Field(1.0, gt=0, description="relative sampling weight when several sources are mixed")
     text_field: Optional[str] = Field(None, description="overrides data.text_field for this source")
     name: Optional[str] = Field(None, description="`datasets` config name, for hub sources")
     split: str = Field("train", description="`datasets` split, for hub sources")
+    revision: Optional[str] = Field(None, min_length=1, description="the hub dataset's revision (a commit sha or "
+                                    "tag): pins what a hub source reads, so that a resume or a cached stream reads "
+                                    "the same version (recorded in every checkpoint)")
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sources: List[SourceSpec] = Field(default_factory=list, description="where the text comes from")
     text_field: str = Field("text", min_length=1, description="column/key holding the text in JSONL and Parquet")

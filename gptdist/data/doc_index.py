@@ -29,7 +29,7 @@ import numpy as np
 from gptdist.data.reader import BadFile, find_bad_json_line
 from gptdist.data.sources import SourceFile, is_compressed
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _CHUNK = 16 << 20  # bytes read per step while indexing (then up to the end of the line)
 
 
@@ -37,11 +37,27 @@ def indexable(f: SourceFile) -> bool:
     return not is_compressed(f.path)
 
 
+_FINGERPRINT = 64 << 10  # bytes of a file's head and of its tail in its fingerprint
+
+
+def fingerprint(path: str, size: int) -> str:
+    """SHA-256 of a file's first and last 64 KiB: a file rewritten with the same size and modification time is
+    still noticed where its head or tail changed (the seal of the cached records covers the rest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(_FINGERPRINT))
+        if size > _FINGERPRINT:
+            fh.seek(max(_FINGERPRINT, size - _FINGERPRINT))
+            digest.update(fh.read(_FINGERPRINT))
+    return digest.hexdigest()[:32]
+
+
 def file_key(f: SourceFile, text_split: str, text_field: str) -> str:
-    """Changes whenever the file or the way it is cut into documents does."""
+    """Changes whenever the file (its real path, size, modification time, head and tail) or the way it is cut into
+    documents does."""
     st = os.stat(f.path)
-    blob = (f"{INDEX_VERSION}|{os.path.realpath(f.path)}|{st.st_size}|{st.st_mtime_ns}|{f.kind}|{text_split}|"
-            f"{text_field}")
+    blob = (f"{INDEX_VERSION}|{os.path.realpath(f.path)}|{st.st_size}|{st.st_mtime_ns}|"
+            f"{fingerprint(f.path, st.st_size)}|{f.kind}|{text_split}|{text_field}")
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -125,7 +141,7 @@ class DocIndex:
         return {"starts": self.starts.astype(np.int64), "ends": self.ends.astype(np.int64)}
 
     def meta(self) -> dict:
-        return {"version": INDEX_VERSION, "path": self.path, "mode": self.mode, "text_field": self.text_field,
+        return {"version": INDEX_VERSION, "mode": self.mode, "text_field": self.text_field,
                 "bad": self.bad, "bad_line": self.bad_line, "documents": self.n_docs}
 
 

@@ -233,7 +233,7 @@ class BlockReader:
                 "tokens": made["tokens"] + here.tokens, "blocks_read": self.read, "first_block": self.first,
                 "blocks_reused": made["reused"], "indexes_built": made["indexes_built"],
                 "bytes_written": made["bytes_written"] + here.bytes_written, "index_bytes": made["index_bytes"],
-                "blocks_damaged": self.damaged}
+                "blocks_damaged": self.damaged + made["refused"]}
 
 
 class _Producer:

@@ -150,8 +150,9 @@ def parse_state(state: Optional[Dict[str, Any]], plan: DataPlan, seq_len: int) -
         )
     if state.get("digest", plan.digest) != plan.digest or len(cursors) != len(plan.sources):
         raise UserError(
-            "the data section (sources, weights, text_field, text_split, tokenizer or shuffle_buffer) changed since "
-            "the checkpoint, so its saved data position does not apply; restore the data section used for that run"
+            "the data section (sources, weights, revisions, text_field, text_split, tokenizer or shuffle_buffer) "
+            "changed since the checkpoint, so its saved data position does not apply; restore the data section of "
+            "that run"
         )
     files = state.get("files") or [s.n_units for s in plan.sources]
     for i, (src, n) in enumerate(zip(plan.sources, files)):

@@ -53,6 +53,7 @@ class ProducerStats:
     indexes_built: int = 0
     index_bytes: int = 0  # bytes of document indexes written
     reused: int = 0  # owned blocks found already in the cache
+    refused: int = 0  # cached records whose seal or checksum did not hold (tokenized again)
 
     def add(self, block, bytes_written: int) -> None:
         """One block tokenized and written."""
@@ -80,7 +81,9 @@ def stream_key(plan: DataPlan) -> str:
     parts = [plan.digest, str(plan.seed)]
     for src in plan.sources:
         for f in src.files:
-            parts.append(file_key(f, src.text_split, src.text_field) if indexable(f) else f"{f.path}|stream")
+            # Compressed files too: their real path, size, time and head/tail fingerprint, not only their name.
+            key = file_key(f, src.text_split, src.text_field)
+            parts.append(key if indexable(f) else f"{key}|stream")
         if src.hub is not None:
             parts.append("hub:" + "|".join(str(x) for x in src.hub))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
@@ -113,6 +116,9 @@ def _produce(plan, cache, tok, indexes, maker, start_block, cursors, me, total, 
             end = meta["end"]
             stats.reused += 1
         else:
+            if meta is not None:
+                log.warning("token cache block %d is refused (%s); tokenizing it again", c, meta.get("why", meta))
+                stats.refused += 1
             block, end = maker.tokenized(tok, c, cur)
             stats.add(block, cache.put_tokenized(block, end))
         stats.indexes_built = indexes.built

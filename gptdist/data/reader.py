@@ -133,8 +133,9 @@ class SourceReader:
         if ds is None:
             from datasets import load_dataset
 
-            name, config, split = self.src.hub  # type: ignore[misc]
-            ds = self._by_kind["hub"] = load_dataset(name, config, split=split, streaming=True)
+            name, config, split, revision = self.src.hub  # type: ignore[misc]
+            pinned = {"revision": revision} if revision else {}
+            ds = self._by_kind["hub"] = load_dataset(name, config, split=split, streaming=True, **pinned)
         return ds
 
     # -- failures -----------------------------------------------------------------------------------------------
@@ -165,11 +166,14 @@ class SourceReader:
                 f"{self.src.describe()} is not a local file, folder or glob, and reading it as a `datasets` hub "
                 f"dataset failed: {bad.reason}; fix the path, or the dataset's name/split and the network access"
             )
-        where = f"file {name}" + (f" line {bad.line}" if bad.line is not None else "")
+        # A source that is one file is named once; a folder or glob names the file inside it.
+        parts = [] if str(name) == str(self.src.spec_path) else [f"file {name}"]
+        parts += [f"line {bad.line}"] if bad.line is not None else []
+        where = " ".join(parts + [""])
         if self.on_bad_file == "fail":
             raise UserError(
-                f"{self.src.describe()}: {where} {bad.reason}; fix or remove the file, "
-                f"or set data.on_bad_file=skip to skip bad files with a warning"
+                f"{self.src.describe()}: {where}{bad.reason}; fix or remove the file, "
+                "or set data.on_bad_file=skip to skip it with a warning"
             )
         self.bad[i] = bad.reason
         self.report(name, (f"line {bad.line}: " if bad.line is not None else "") + bad.reason)
@@ -201,7 +205,10 @@ def validate_file(path: str, kind: str, text_field: str, *, max_bytes: Optional[
     offset = 0
     with fh:
         while max_bytes is None or offset < max_bytes:
-            chunk = fh.read(4 << 20)
+            try:
+                chunk = fh.read(4 << 20)
+            except OSError as exc:  # a device, a file on a failing disk, /proc/self/mem
+                raise BadFile(f"cannot be read ({exc.strerror or exc})") from None
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:

@@ -42,7 +42,8 @@ class ResolvedSource:
     text_field: str
     text_split: str
     files: List[SourceFile] = field(default_factory=list)
-    hub: Optional[Tuple[str, Optional[str], str]] = None  # (dataset name, config name, split)
+    # (dataset name, config name, split, revision): the revision pins the version read (None: the newest)
+    hub: Optional[Tuple[str, Optional[str], str, Optional[str]]] = None
 
     @property
     def key(self) -> str:
@@ -54,7 +55,8 @@ class ResolvedSource:
         return 1 if self.hub is not None else len(self.files)
 
     def describe(self) -> str:
-        return f"{self.key}={self.spec_path!r}"
+        shown = repr(self.spec_path)
+        return f"{self.key}={shown if len(shown) <= 130 else shown[:120] + '...' + shown[-1]}"
 
 
 def resolve_sources(cfg: DataConfig) -> List[ResolvedSource]:
@@ -80,7 +82,7 @@ def resolve_source(spec: SourceSpec, index: int, cfg: DataConfig) -> ResolvedSou
     elif _looks_local(path):
         src.files = _local_files(os.path.expanduser(path), src)
     else:
-        src.hub = (path, spec.name, spec.split)
+        src.hub = (path, spec.name, spec.split, spec.revision)
     return src
 
 
@@ -138,13 +140,33 @@ def _local_files(path: str, src: ResolvedSource) -> List[SourceFile]:
         files = [path]
     else:
         raise UserError(f"{src.describe()}: no such file or folder (working directory {os.getcwd()}); fix the path")
-    return [SourceFile(f, file_kind(f)) for f in files]
+    return [SourceFile(f, file_kind(f)) for f in _distinct(files)]
+
+
+def _distinct(files: List[str]) -> List[str]:
+    """Each file once, by its real path (a symbolic link, a symlinked folder or a `**` glob through a link loop can
+    name one file many times); the first name in sorted order is kept."""
+    seen = set()
+    out: List[str] = []
+    for f in files:
+        real = os.path.realpath(f)
+        if real not in seen:
+            seen.add(real)
+            out.append(f)
+    return out
 
 
 def _walk(folder: str) -> List[str]:
-    """Data files under a folder, recursively, in sorted order; hidden files and unknown extensions are left out."""
+    """Data files under a folder, recursively, in sorted order; hidden files and unknown extensions are left out.
+    Symbolic links to folders are followed, as a glob follows them, each real folder entered once (no loops)."""
     out: List[str] = []
-    for root, dirs, names in os.walk(folder):
+    entered = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in entered:
+            dirs[:] = []
+            continue
+        entered.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and _known(n))
     return sorted(out)
@@ -170,4 +192,4 @@ def _package_files(path: str, src: ResolvedSource) -> List[SourceFile]:
     if not files:
         raise UserError(f"{src.describe()}: no such file: {pattern!r} matches nothing inside package {package!r} "
                         f"({roots[0]})")
-    return [SourceFile(f, file_kind(f)) for f in files]
+    return [SourceFile(f, file_kind(f)) for f in _distinct(files)]

@@ -54,7 +54,7 @@ class Indexes:
         if got is not None:
             return got
         key = self.keys[(src.index, i)]
-        index = self.cache.load_index(key)
+        index = self.cache.load_index(key, src.files[i].path)
         if index is None:
             mine = (src.index * 7919 + i) % self.producers == self.me
             deadline = time.monotonic() + (0 if mine else self.wait_s)
@@ -62,7 +62,7 @@ class Indexes:
                 if self.stop is not None and self.stop.is_set():
                     raise Stopped()
                 time.sleep(0.05)
-                index = self.cache.load_index(key)
+                index = self.cache.load_index(key, src.files[i].path)
             if index is None:
                 index = build_index(src.files[i], src.text_split, src.text_field)
                 self.bytes_written += self.cache.save_index(key, index)

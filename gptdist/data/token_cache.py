@@ -2,7 +2,9 @@
 
     CACHE/                                   data.cache (default RUN_DIR/token_cache; a shared path to reuse it)
       index/<file key>.npz, .json            each local file's document index (doc_index.py), keyed by the file's
-                                             path, size and modification time: rebuilt only when the file changes
+                                             path, size, modification time and a fingerprint of its head and tail:
+                                             rebuilt only when the file changes. It never names the file: the
+                                             reader supplies the path it is looking up
       seek/<unit key>/<documents>.json       positions in streamed sources (hub datasets, compressed files):
                                              `datasets`' state_dict after that many documents (streamed.py)
       blocks/<stream key>/<block>.tok, .json  block c of the mixed, shuffled document stream: its tokens (uint16,
@@ -14,8 +16,11 @@ split, tokenizer, block size, shuffling), the seed, and every source file's key,
 stream (its blocks are tokenized anew) while the indexes of unchanged files stay valid.
 
 Like a checkpoint, an entry counts only once its record (.json) is written, last, by an atomic rename: a reader
-never sees a half-written block. A block whose tokens do not match the record's checksum is reported, removed and
-tokenized again. With data.cache=off the blocks live in this process's memory only.
+never sees a half-written block. Every record is sealed with this user's secret cache key (cache_key.py): an HMAC
+over the record, where it is stored (stream key and block number, file key, stream position) and the cache format.
+A record whose seal does not hold (edited, written by someone without the key, copied under another name) or
+whose tokens do not match its checksum is reported, counted, removed and tokenized again from the source. With
+data.cache=off the blocks live in this process's memory only.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from gptdist.data.cache_key import seal, verify
 from gptdist.data.doc_index import DocIndex
+from gptdist.errors import UserError
 
 log = logging.getLogger("gptdist.data")
 
@@ -72,26 +79,50 @@ class CacheDir:
 
     def __init__(self, root: Path, stream_key: str) -> None:
         self.root = Path(root)
+        self.stream_key = stream_key
         self.index_dir = self.root / "index"
         self.block_dir = self.root / "blocks" / stream_key
-        self.index_dir.mkdir(parents=True, exist_ok=True)
-        self.block_dir.mkdir(parents=True, exist_ok=True)
+        self.rejected = 0  # indexes and positions whose seal did not hold (blocks: counted by their reader)
+        # A folder shared by a group (group-writable, ideally setgid) gets group-writable sub-folders and files.
+        self.shared = bool(self.root.is_dir() and self.root.stat().st_mode & 0o020)
+        try:
+            for folder in (self.index_dir, self.block_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+                self._share(folder)
+        except PermissionError as exc:
+            raise UserError(f"token cache {self.root}: {exc.filename} is not writable by this user (made by another "
+                            "user?); share the folder with a group (chmod -R g+ws, see docs/reliability.md) or "
+                            "point data.cache at a folder of your own") from None
+
+    def _share(self, path: Path) -> None:
+        if self.shared:
+            try:
+                os.chmod(path, os.stat(path).st_mode | 0o020 | (0o2000 if path.is_dir() else 0))
+            except OSError:
+                pass  # made by another member of the group: it has set the bits already
+
+    def _write(self, path: Path, data: bytes) -> None:
+        _atomic_write(path, data)
+        self._share(path)
 
     # ------------------------------------------------------------------------------------------------ indexes
 
-    def load_index(self, key: str) -> Optional[DocIndex]:
+    def load_index(self, key: str, path: str) -> Optional[DocIndex]:
+        """The index of the file at `path` (the reader's own path: an index never names its file)."""
         meta_path = self.index_dir / f"{key}.json"
         if not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            arrays = np.load(self.index_dir / f"{key}.npz")
-            if checksum(arrays["starts"].tobytes() + arrays["ends"].tobytes()) != meta["checksum"]:
-                raise ValueError("checksum mismatch")
-            return DocIndex(meta["path"], meta["mode"], arrays["starts"], arrays["ends"], meta["text_field"],
-                            meta["bad"], meta["bad_line"])
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("token cache: the document index %s is damaged (%s); building it again", meta_path, exc)
+            with np.load(self.index_dir / f"{key}.npz", allow_pickle=False) as arrays:
+                starts, ends = arrays["starts"], arrays["ends"]
+            mac = meta.pop("mac", None)
+            if not verify(f"index|{key}", meta, mac, starts.astype(np.int64).tobytes() + ends.tobytes()):
+                raise ValueError("its seal does not hold: edited, or not written with this user's cache key")
+            return DocIndex(path, meta["mode"], starts, ends, meta["text_field"], meta["bad"], meta["bad_line"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("token cache: the document index %s is refused (%s); building it again", meta_path, exc)
+            self.rejected += 1
             for p in (meta_path, self.index_dir / f"{key}.npz"):
                 p.unlink(missing_ok=True)
             return None
@@ -103,9 +134,11 @@ class CacheDir:
         arrays = index.to_arrays()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        _atomic_write(self.index_dir / f"{key}.npz", buf.getvalue())
-        meta = json.dumps({**index.meta(), "checksum": checksum(arrays["starts"].tobytes() + arrays["ends"].tobytes())})
-        _atomic_write(self.index_dir / f"{key}.json", meta.encode())
+        self._write(self.index_dir / f"{key}.npz", buf.getvalue())
+        record = index.meta()
+        record["mac"] = seal(f"index|{key}", index.meta(), arrays["starts"].tobytes() + arrays["ends"].tobytes())
+        meta = json.dumps(record)
+        self._write(self.index_dir / f"{key}.json", meta.encode())
         return len(buf.getvalue()) + len(meta)
 
     # ------------------------------------------------------------------------- positions in streamed sources
@@ -114,7 +147,8 @@ class CacheDir:
         folder = self.root / "seek" / key
         folder.mkdir(parents=True, exist_ok=True)
         record = {"documents": documents, "position": position}
-        _atomic_write(folder / f"{documents:012d}.json", json.dumps(record).encode())
+        record["mac"] = seal(f"seek|{key}|{documents}", {"documents": documents, "position": position})
+        self._write(folder / f"{documents:012d}.json", json.dumps(record).encode())
 
     def seeks(self, key: str):
         """(documents, datasets position) saved for a streamed unit; unreadable entries are skipped."""
@@ -123,21 +157,35 @@ class CacheDir:
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
                 entry = json.loads(path.read_text())
+                mac = entry.pop("mac", None)
+                if not verify(f"seek|{key}|{entry['documents']}", entry, mac):
+                    self.rejected += 1
+                    log.warning("token cache: the stream position %s is refused (its seal does not hold)", path)
+                    continue
                 out.append((int(entry["documents"]), entry["position"]))
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
         return out
 
     # ------------------------------------------------------------------------------------------------- blocks
 
     def block_meta(self, c: int) -> Optional[dict]:
+        """Block c's record once its seal holds (it binds the stream key and c: a record copied from another block
+        or stream does not); {"damaged": True, "why": ...} otherwise."""
         path = self.block_dir / f"{c:09d}.json"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {"damaged": True}
+            return {"damaged": True, "why": "its record is not valid JSON"}
+        if not isinstance(meta, dict):
+            return {"damaged": True, "why": "its record is not a JSON object"}
+        mac = meta.pop("mac", None)
+        if not verify(f"block|{self.stream_key}|{c}", meta, mac):
+            return {"damaged": True, "why": "its seal does not hold: edited, moved, or not written with this user's "
+                                            "cache key"}
+        return meta
 
     def get_block(self, c: int) -> Tuple[Optional[np.ndarray], Optional[dict], Optional[str]]:
         """(tokens, record, problem): (None, None, None) when the block is not in the cache yet."""
@@ -147,13 +195,13 @@ class CacheDir:
         tok_path = self.block_dir / f"{c:09d}.tok"
         try:
             if meta.get("damaged"):
-                raise ValueError("its record is not valid JSON")
+                raise ValueError(meta.get("why", "its record is damaged"))
             data = tok_path.read_bytes()
             if len(data) != meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
                 raise ValueError(f"{len(data)} bytes for {meta['tokens']} tokens")
             if checksum(data) != meta["checksum"]:
                 raise ValueError("checksum mismatch")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             self.drop_block(c)
             return None, None, f"token cache block {c} in {self.block_dir} is damaged ({exc})"
         return np.frombuffer(data, dtype=meta["dtype"]).astype(np.int32), meta, None
@@ -162,11 +210,12 @@ class CacheDir:
         """Writes the block; returns the bytes written."""
         dtype = np.uint16 if int(tokens.max(initial=0)) < 2**16 else np.int32
         data = tokens.astype(dtype).tobytes()
-        _atomic_write(self.block_dir / f"{c:09d}.tok", data)
+        self._write(self.block_dir / f"{c:09d}.tok", data)
         record = {**meta, "block": c, "tokens": int(len(tokens)), "dtype": np.dtype(dtype).name,
                   "checksum": checksum(data)}
-        encoded = json.dumps(record).encode()
-        _atomic_write(self.block_dir / f"{c:09d}.json", encoded)
+        record = json.loads(json.dumps(record))  # as it will be read back (tuples become lists)
+        encoded = json.dumps({**record, "mac": seal(f"block|{self.stream_key}|{c}", record)}).encode()
+        self._write(self.block_dir / f"{c:09d}.json", encoded)
         return len(data) + len(encoded)
 
     def put_tokenized(self, block, end) -> int:
@@ -186,7 +235,7 @@ class MemoryCache:
         self._blocks: Dict[int, Tuple[np.ndarray, dict]] = {}
         self._lock = threading.Lock()
 
-    def load_index(self, key: str) -> Optional[DocIndex]:
+    def load_index(self, key: str, path: str) -> Optional[DocIndex]:
         return self._indexes.get(key)
 
     def save_index(self, key: str, index: DocIndex) -> int:

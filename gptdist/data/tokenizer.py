@@ -119,7 +119,12 @@ def _resolve(spec: str, key: str) -> Path | None:
     if spec.strip().lower() == "gpt2":
         return None
     path = Path(spec).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the file system
+        raise UserError(f"{key}={spec[:80]!r}: not a usable path ({exc.strerror or exc}); use 'gpt2', a "
+                        "tokenizer.json, or a folder with vocab.json + merges.txt") from None
+    if not exists:
         raise UserError(
             f"{key}={spec!r}: no such file or folder; use 'gpt2', a tokenizer.json, or a folder with "
             "vocab.json + merges.txt (train one with `gptdist tokenizer train`)"

@@ -93,12 +93,19 @@ def read_deepspeed_json(path: str, source: str) -> Dict[str, Any]:
     without "optimizer" or "scheduler" sections, which would contradict the AdamW and schedule gptdist builds.
     `source`: how the user named the file, for messages."""
     file = Path(path)
-    if not file.is_file():
+    source = source if len(source) <= 160 else f"{source[:150]}...'"
+    try:
+        found = file.is_file()
+    except OSError:  # a name too long for the file system
+        found = False
+    if not found:
         raise UserError(f"{source}: no such file")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{source}: not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: must hold a JSON object")
     for section in ("optimizer", "scheduler"):

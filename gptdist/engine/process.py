@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gptdist.errors import UserError, env_int
 from gptdist.parallel.layout import Layout
 from gptdist.parallel.topology import Topology
 
@@ -53,10 +54,17 @@ def discover_world() -> World:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
-    world = int(env["WORLD_SIZE"])
+    world = env_int(env, "WORLD_SIZE", minimum=1)
+    rank = env_int(env, "RANK")
     # The deepspeed launcher exports LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE; a single node otherwise.
-    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
-    return World(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")), local_world)
+    local_name = "LOCAL_WORLD_SIZE" if env.get("LOCAL_WORLD_SIZE") else "LOCAL_SIZE"
+    local_world = env_int(env, local_name, default=world, minimum=1)
+    local_rank = env_int(env, "LOCAL_RANK", default=0)
+    if rank >= world or local_rank >= local_world:
+        which, value, size = ("RANK", rank, world) if rank >= world else ("LOCAL_RANK", local_rank, local_world)
+        raise UserError(f"{which}={value} in the environment is not below the size {size} the launcher gave "
+                        "(WORLD_SIZE / LOCAL_WORLD_SIZE); fix or unset them")
+    return World(rank, world, local_rank, local_world)
 
 
 def keep_mlflow_out() -> None:

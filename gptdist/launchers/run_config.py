@@ -12,7 +12,7 @@ import os
 from typing import List, Mapping, Optional, Sequence
 
 from gptdist.config import RunConfig
-from gptdist.errors import UserError
+from gptdist.errors import UserError, env_int
 from gptdist.launchers import accelerate_env
 from gptdist.launchers.accelerate_settings import Setting, apply_settings
 
@@ -35,5 +35,8 @@ def resolve_run_config(config_path: Optional[str], overrides: Sequence[str], *, 
         from gptdist.launchers import accelerate_config as config_file
 
         settings += config_file.settings(config_file.load(accelerate_config), accelerate_config)
-    world = world_size if world_size is not None else int(env.get("WORLD_SIZE") or 1)
+    world = world_size if world_size is not None else env_int(env, "WORLD_SIZE", default=1, minimum=1)
+    if world < 1:
+        raise UserError(f"--world {world}: a run has at least one rank; pass --world N with N >= 1 (the number of "
+                        "ranks the run will have)")
     return apply_settings(config_path, overrides, settings, world)

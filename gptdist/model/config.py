@@ -8,14 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class GPTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
-    n_layer: int = Field(12, ge=1, description="number of Transformer blocks")
-    n_head: int = Field(12, ge=1, description="attention heads per block")
-    d_model: int = Field(768, ge=1, description="width of the residual stream")
-    d_ff: Optional[int] = Field(None, ge=1, description="hidden width of the feed-forward network (default 4*d_model)")
-    vocab_size: int = Field(50304, ge=2, description="rows of the token embedding (>= the tokenizer's vocabulary)")
-    seq_len: int = Field(1024, ge=1, description="context length: tokens per training sample and position table size")
+    n_layer: int = Field(12, ge=1, le=4096, description="number of Transformer blocks")
+    n_head: int = Field(12, ge=1, le=4096, description="attention heads per block")
+    d_model: int = Field(768, ge=1, le=1 << 17, description="width of the residual stream")
+    d_ff: Optional[int] = Field(None, ge=1, le=1 << 20,
+                                description="hidden width of the feed-forward network (default 4*d_model)")
+    vocab_size: int = Field(50304, ge=2, le=1 << 24,
+                            description="rows of the token embedding (>= the tokenizer's vocabulary)")
+    seq_len: int = Field(1024, ge=1, le=1 << 20,
+                         description="context length: tokens per training sample and position table size")
     pos_embedding: Literal["learned", "sinusoidal"] = "learned"
     activation: Literal["gelu_tanh", "gelu", "relu"] = "gelu_tanh"
     tie_embeddings: bool = Field(True, description="the LM head reuses the token embedding matrix")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from gptdist.launchers.child import run_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,11 +102,12 @@ def run_layout(config: str, overrides: Sequence[str], ranks: int, run_dir: Path,
     log = log or run_dir.parent / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(log, "w", encoding="utf-8") as fh:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
-        out.returncode = proc.returncode
-    except subprocess.TimeoutExpired:
-        out.error = f"timed out after {timeout:.0f} s (log: {log})"
+        # Its own process group: a time-out stops the launcher and every rank it started, not only the shell.
+        status = run_group(cmd, cwd=ROOT, env=env, log=log, timeout=timeout)
+        if status is None:
+            out.error = f"timed out after {timeout:.0f} s (log: {log})"
+        else:
+            out.returncode = status
     finally:
         watcher.stop()
     out.vm_hwm = dict(watcher.hwm)

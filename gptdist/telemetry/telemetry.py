@@ -35,12 +35,14 @@ class Telemetry:
 
     @classmethod
     def open(cls, cfg, rank, *, memory, profiler, job_peak: Optional[float], resumed: Optional[Dict[str, Any]],
-             start_step: int, needs_dp_mean: bool, log: RankZeroLog) -> "Telemetry":
+             start_step: int, needs_dp_mean: bool, log: RankZeroLog,
+             resumed_from: Optional[Path] = None) -> "Telemetry":
         """rank: engine.process.Rank; memory, profiler: the memory report and profiler, already watching the engine;
-        resumed: the checkpoint's state when resuming (its MLflow run is continued)."""
+        resumed: the checkpoint's state when resuming, resumed_from its folder (its MLflow run is continued where
+        the config's store holds it: telemetry/tracking.py)."""
         metrics, tracker = None, NullTracker()
         if rank.world.is_main:
-            metrics, tracker = _open_outputs(cfg, resumed if start_step else None, start_step, log)
+            metrics, tracker = _open_outputs(cfg, resumed if start_step else None, start_step, log, resumed_from)
         layout = rank.layout
         _announce(cfg, rank, tracker, log)  # before the progress bar appears
         reporter = StepReporter(
@@ -138,7 +140,8 @@ def _announce(cfg, rank, tracker, log: RankZeroLog) -> None:
                  "train.micro_batch_size")
 
 
-def _open_outputs(cfg, resumed: Optional[Dict[str, Any]], start_step: int, log: RankZeroLog):
+def _open_outputs(cfg, resumed: Optional[Dict[str, Any]], start_step: int, log: RankZeroLog,
+                  resumed_from: Optional[Path] = None):
     """Rank 0: config.yaml, metrics.jsonl (steps after the checkpoint were done by a run that died and are about to
     be done again: they are dropped) and the MLflow run."""
     run_dir = Path(cfg.run.dir)
@@ -147,7 +150,7 @@ def _open_outputs(cfg, resumed: Optional[Dict[str, Any]], start_step: int, log: 
     truncate_metrics(run_dir / "metrics.jsonl", start_step, log.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", log.warn)
     tracker = start_tracker(cfg.tracking, run_dir, cfg.run.name or run_dir.name, flatten(cfg.to_dict()),
-                            resumed=resumed, warn=log.warn)
+                            resumed=resumed, warn=log.warn, resumed_from=resumed_from)
     tracker.log_artifact(run_dir / "config.yaml")
     return metrics, tracker
 

@@ -17,8 +17,11 @@ from gptdist.config import TrackingConfig
 from gptdist.errors import UserError
 from gptdist.launchers.detect import launcher_name
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"(://[^/\s:@]+:[^/\s@]+@)")  # user:password@ inside a URI
+# A key that names a secret as a whole word (hf_token, api-key, password), not one that merely contains the letters
+# (data.tokenizer, train.max_tokens).
+_SECRET_KEY = re.compile(r"(^|[._-])(tokens?|secrets?|password|passwd|api[_-]?key|credentials?|auth)($|[._-])",
+                         re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"://[^/\s@]+@")  # user:password@ or token@ inside a URI
 
 
 def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -37,11 +40,15 @@ def mask_secrets(params: Dict[str, Any]) -> Dict[str, str]:
     masked = {}
     for key, value in params.items():
         text = "" if value is None else str(value)
-        if _SECRET_KEY.search(key) and text:
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text:
             text = "***"
         text = _SECRET_VALUE.sub("://***@", text)
         masked[key] = text[:6000]
     return masked
+
+
+def default_store(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
 def tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
@@ -49,7 +56,7 @@ def tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return default_store(run_dir)
 
 
 class NullTracker:
@@ -166,13 +173,16 @@ def _new_run(client, cfg: TrackingConfig, uri: str, run_dir: Path, run_name: str
 
 
 def start_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dict[str, Any],
-                  resumed: Optional[Dict[str, Any]] = None, warn=None) -> NullTracker:
+                  resumed: Optional[Dict[str, Any]] = None, warn=None,
+                  resumed_from: Optional[Path] = None) -> NullTracker:
     """Open the MLflow run, or explain why not: fail, or warn and keep the local metrics.jsonl only.
 
-    resumed: the checkpoint's state when resuming. A resumed run continues its MLflow run where that run lives:
-    the checkpoint records the tracking URI, so `run.dir=runs/b resume=runs/a` keeps writing into runs/a's store
-    (unless tracking.uri or $MLFLOW_TRACKING_URI name a store explicitly). When that store or run cannot be reached,
-    a new run starts in this run's store, tagged with its parent (mlflow.parentRunId)."""
+    resumed: the checkpoint's state when resuming; resumed_from: that checkpoint's folder. A resumed run tracks
+    where its own config says (tracking.uri, $MLFLOW_TRACKING_URI, else its run directory's store), never where a
+    checkpoint says: a checkpoint may come from someone else. It continues the recorded MLflow run when that run is
+    in the store the config names, and, with no store named, when it is in the default store beside the checkpoint
+    it resumes (so `run.dir=runs/b resume=runs/a` keeps writing into runs/a's SQLite store). Otherwise, or when that
+    run cannot be reached, a new run starts, tagged with its parent (mlflow.parentRunId)."""
     if not cfg.enabled:
         return NullTracker()
     warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
@@ -182,8 +192,9 @@ def start_tracker(cfg: TrackingConfig, run_dir: Path, run_name: str, params: Dic
     try:
         if parent:
             explicit = bool(cfg.uri or os.environ.get("MLFLOW_TRACKING_URI"))
-            saved_uri = resumed.get("tracking_uri")
-            uri = here if explicit or not saved_uri else saved_uri
+            saved_uri = _SECRET_VALUE.sub("://", str(resumed.get("tracking_uri") or ""))
+            beside = resumed_from is not None and saved_uri == default_store(Path(resumed_from).parent.parent)
+            uri = saved_uri if beside and not explicit else here
             problem = None
             if _store_exists(uri):
                 client = _client(uri)
@@ -228,10 +239,17 @@ def preflight(cfg: TrackingConfig, run_dir: Path) -> Optional[str]:
     if not cfg.enabled:
         return None
     uri = tracking_uri(cfg, run_dir)
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+        port = parsed.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        where = "tracking.uri" if cfg.uri else "$MLFLOW_TRACKING_URI"
+        raise UserError(f"{where}={uri[:120]!r} is not a valid URI ({exc}); write e.g. http://HOST:5000") from None
     if parsed.scheme not in ("http", "https"):
         return None
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if not parsed.hostname:
+        raise UserError(f"tracking URI {uri[:120]!r} names no host; write e.g. http://HOST:5000")
+    port = port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname, port), timeout=5):
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from gptdist.errors import UserError
 from gptdist.tools.resolve import Checkpoint
@@ -18,8 +18,29 @@ from gptdist.tools.resolve import Checkpoint
 WEIGHTS = "model.safetensors"
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
+def refuse_unsafe_target(out: Path, source: Path, force: bool) -> None:
+    """--force empties OUT_DIR: never a folder holding the checkpoint being exported, nor one inside it, nor the
+    working directory, $HOME or the root (a slip of the argument would delete far more than a model)."""
+    import os
+
+    target = out.resolve()
+    src = source.resolve()
+    if target == src or target in src.parents:
+        raise UserError(f"--hf {out} holds the checkpoint being exported ({source}); choose a new directory outside it")
+    if src in target.parents:
+        raise UserError(f"--hf {out} is inside the checkpoint being exported ({source}); choose a directory outside it")
+    if not force:
+        return  # nothing is emptied: a folder that is not empty is refused by prepare_out_dir
+    home = Path(os.environ.get("HOME") or Path.home())
+    for name, folder in (("the working directory", Path.cwd()), ("$HOME", home), ("the root", Path("/"))):
+        if target == folder.resolve():
+            raise UserError(f"--hf {out} is {name}; --force would empty it: name a new directory for the model")
+
+
+def prepare_out_dir(out: Path, force: bool, source: Optional[Path] = None) -> None:
     """Refuse to mix a new model with whatever OUT_DIR already holds; --force empties it first."""
+    if source is not None:
+        refuse_unsafe_target(out, source, force)
     if out.exists() and not out.is_dir():
         raise UserError(f"--hf {out} is a file; name a directory to write the model into")
     if out.is_dir() and any(out.iterdir()):
@@ -50,6 +71,8 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool = False, tokenizer_spe
 
     from gptdist.model.hf import hf_config_from
 
+    refuse_unsafe_target(out, ckpt.folder, force)  # before the model is built: a mistaken --hf is refused at once
+
     try:
         hf_cfg = hf_config_from(ckpt.cfg.model)
     except ValueError as exc:
@@ -57,7 +80,7 @@ def export_hf(ckpt: Checkpoint, out: Path, *, force: bool = False, tokenizer_spe
                         "only learned positions, unscaled embeddings and biases map onto GPT2LMHeadModel") from None
     tok = ckpt.tokenizer(tokenizer_spec)  # before anything is written: a wrong tokenizer stops the export
     sd = hf_state_dict(ckpt)
-    prepare_out_dir(out, force)
+    prepare_out_dir(out, force, ckpt.folder)
     hf_cfg.architectures = ["GPT2LMHeadModel"]
     hf_cfg.bos_token_id = hf_cfg.eos_token_id = tok.eos_id  # GPT-2's convention: one <|endoftext|> for both
     hf_cfg.save_pretrained(str(out))

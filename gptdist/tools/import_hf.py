@@ -58,11 +58,14 @@ def read_hf_config(hf_dir: Path):
 def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
     """The state dict from model.safetensors, pytorch_model.bin, or their sharded *.index.json forms."""
     import torch
-    from safetensors.torch import load_file
+
+    from gptdist.checkpoint.safetensors_io import SafetensorsFile
 
     def load(path: Path) -> Dict[str, Any]:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            # gptdist's reader: the header is checked against the file's size before any tensor is allocated.
+            file = SafetensorsFile(path)
+            return {name: file.read(name) for name in file.keys()}
         try:  # weights_only: a .bin is a pickle, and a downloaded pickle must not run code
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not plain tensors

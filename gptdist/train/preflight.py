@@ -47,6 +47,15 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     from gptdist.data import check_data
 
     layout = Layout.resolve(cfg, world_size)
+    check_writable(Path(cfg.run.dir), "run.dir")
+    check_checkpoint_folder(Path(cfg.run.dir))
+    if cfg.data.cache != "off":
+        cache = Path(cfg.run.dir) / "token_cache" if cfg.data.cache == "run" else Path(cfg.data.cache).expanduser()
+        if cfg.data.cache != "run":
+            check_writable(cache, "data.cache")
+        for part in ("index", "blocks"):  # a shared cache: the folders another user made must be writable too
+            if (cache / part).exists():
+                check_writable(cache / part, "data.cache")
     check_precision(cfg)
     check_deepspeed_config(cfg, layout)
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
@@ -71,6 +80,58 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     else:
         lock.check()
     return Preflight(layout, tokenizer, candidates, warning, lock)
+
+
+def check_writable(path: Path, key: str) -> None:
+    """A folder the run will write into can be: it is a folder (or can be made one) and a file can be created in it.
+    Proved with a temporary file (or, where the folder does not exist yet, a temporary folder beside it), removed at
+    once: the folder itself is left as it was."""
+    import tempfile
+
+    where = f"{key}={str(path)[:120]}"
+    try:
+        path.exists()
+    except OSError as exc:  # a name too long for the file system
+        why = exc.strerror or exc
+        raise UserError(f"{where} is not a usable path ({why}); choose another path for {key}") from None
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{where} is an existing file, not a folder; choose a folder path for {key}")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{where} cannot be created: {parent} is a file, not a folder; choose another path for {key}")
+    try:
+        if parent == path:
+            fd, probe = tempfile.mkstemp(prefix=".gptdist-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".gptdist-probe-", dir=parent))
+    except OSError as exc:
+        verb = "is not writable" if parent == path else f"cannot be created in {parent}"
+        raise UserError(f"{where} {verb} ({exc.strerror or type(exc).__name__}); choose a folder this user may write "
+                        f"for {key}") from None
+
+
+def check_checkpoint_folder(run_dir: Path) -> None:
+    """What a disk can leave where saves go: RUN_DIR/checkpoints a file, or its `latest` a folder, would let the run
+    train and then fail every save."""
+    from gptdist.checkpoint.manifest import LATEST
+    from gptdist.checkpoint.store import checkpoint_root
+
+    root = checkpoint_root(run_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file where run.dir keeps its checkpoints folder; move it away or choose "
+                        "another run.dir")
+    latest = root / LATEST
+    if latest.exists() and not latest.is_file():
+        raise UserError(f"{latest} is not a file (it names the newest checkpoint); remove it, gptdist writes it at "
+                        "the next save")
+    if root.is_dir():
+        check_writable(root, "run.dir")
 
 
 def check_precision(cfg: RunConfig) -> None:
@@ -101,8 +162,8 @@ def check_deepspeed_config(cfg: RunConfig, layout: Layout) -> None:
         if key in ds and ds[key] != derived:
             raise UserError(
                 f"config error: train.deepspeed_config={path!r} sets {key}={ds[key]!r} but the layout gives "
-                f"{derived} ({layout.describe()}); remove it from the file (gptdist derives it) or change "
-                "train.micro_batch_size/train.global_batch_size"
+                f"{derived}; remove it from the file (gptdist derives it) or change train.micro_batch_size/"
+                "train.global_batch_size"
             )
     # DeepSpeed's parser checks every other key and type; outside a process group it sees a world of one, so it
     # is given the batch arithmetic of one data-parallel rank (checked above for the real one).

@@ -103,7 +103,7 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
         outcome.clear_records(Path(cfg.run.dir))
     telemetry = Telemetry.open(cfg, rank, memory=memory, profiler=profiler, job_peak=job_peak,
                                resumed=checkpointer.state, start_step=checkpointer.start_step,
-                               needs_dp_mean=step_fn.needs_dp_mean, log=log)
+                               needs_dp_mean=step_fn.needs_dp_mean, log=log, resumed_from=checkpointer.folder)
     feed = DataFeed(cfg, rank, Path(cfg.run.dir), checkpointer.state.get("data_state"))
     validator = Validator(cfg, rank, checked.tokenizer, log) if cfg.eval.enabled else NoValidation()
     checkpointer.keep_state_of(feed, telemetry)

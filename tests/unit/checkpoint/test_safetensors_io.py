@@ -55,6 +55,7 @@ def _crafted(path, header: dict, data: bytes = b"\0" * 16) -> None:
     ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, "offsets do not match its shape"),
     ({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, "no known dtype"),
     ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "invalid shape"),
+    ({"__metadata__": {"format": ["pt"]}}, "__metadata__ is not a mapping of strings"),
 ])
 def test_a_crafted_header_is_refused_before_any_allocation(tmp_path, header, why):
     _crafted(tmp_path / "bad.safetensors", header)
@@ -77,3 +78,14 @@ def test_a_header_longer_than_the_file_and_a_pickle_are_refused(tmp_path):
     truncated.write_bytes((tmp_path / "t.safetensors").read_bytes()[:-40])
     with pytest.raises(UserError, match="lies outside the file"):
         SafetensorsFile(truncated)
+
+
+def test_an_hf_model_with_a_crafted_header_is_refused_by_import(tmp_path):
+    """`gptdist import-hf` reads model.safetensors with the same checked reader: a header asking for terabytes is
+    one line, not an allocation."""
+    from gptdist.tools.import_hf import read_hf_weights
+
+    _crafted(tmp_path / "model.safetensors",
+             {"wte.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}})
+    with pytest.raises(UserError, match="lies outside the file"):
+        read_hf_weights(tmp_path)

@@ -2,37 +2,12 @@
 before any process group exists, and leaves the run directory exactly as it was; `gptdist check` refuses each with
 the same line (both run train/preflight.py)."""
 
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
 
 from gptdist.cli import main
-from tests.helpers import assert_ok, train_single, write_recipe
-
-
-@pytest.fixture(scope="module")
-def existing_run(tmp_path_factory, corpus, tokenizer_path):
-    """A run directory with a complete checkpoint, metrics and an MLflow store: what a mistake must not touch."""
-    tmp = tmp_path_factory.mktemp("existing")
-    recipe = write_recipe(tmp / "r.yaml", corpus, tokenizer_path, tmp / "run", train={"steps": 2})
-    assert_ok(train_single(recipe))
-    return tmp / "run", recipe
-
-
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    # `gptdist train` fills in RANK/WORLD_SIZE/MASTER_* for a lone process; keep tests independent of that.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def _snapshot(folder: Path):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.unit.config.conftest import refusal, snapshot
 
 
 def _files(tmp: Path, corpus: Path):
@@ -109,24 +84,19 @@ def test_bad_input(overrides, words, existing_run, tmp_path, corpus, tokenizer_p
             "fresh": str(tmp_path / "fresh")}
     filled = [o.format(**fill) for o in overrides if not o.startswith("world=")]
     world = next((int(o.split("=")[1]) for o in overrides if o.startswith("world=")), 1)
-    before = _snapshot(run)
+    before = snapshot(run)
     lines = {}
     for command in ("check", "train"):
+        env = {}
         if command == "train" and world > 1:
             # This process as rank 0 of `world`: refused before it would wait for the others.
-            os.environ.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT="9")
+            env = dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="9")
         extra = ["--world", str(world)] if command == "check" else []
-        code = main([command, str(recipe), *filled, *extra])
-        err = capsys.readouterr().err.strip()
-        assert code == 2, (command, err)
-        found = [line for line in err.splitlines() if line.startswith("gptdist:")]
-        assert len(found) == 1, (command, err)
-        lines[command] = found[0]
+        lines[command] = refusal(command, recipe, filled, capsys, env, extra)
     assert lines["check"] == lines["train"]
     for word in words:
         assert word in lines["train"], lines["train"]
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     assert not (tmp_path / "fresh").exists()
 
 

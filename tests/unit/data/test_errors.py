@@ -84,7 +84,7 @@ def test_jsonl_line_without_text_field(tiny, tmp_path):
     cfg = data_cfg(tiny, sources=[str(path)])
     _fails(cfg, "d.jsonl", "line 4", "'text'")
     # the streaming reader names the line too
-    with pytest.raises(UserError, match=r"d\.jsonl line 4 has no 'text' field"):
+    with pytest.raises(UserError, match=r"d\.jsonl': line 4 has no 'text' field"):
         next(iter_samples(cfg, seq_len=7, seed=0))
     broken = tmp_path / "e.jsonl"
     broken.write_text('{"text": "one"}\n{"text": "two"\n', encoding="utf-8")

@@ -131,3 +131,25 @@ def test_resume_seeks_by_saved_position_instead_of_rereading(tiny, hub, tmp_path
         again = next(loader)
     assert again.indices == first.indices and again.inputs.equal(first.inputs)
     assert hub.served >= read_before - 512 - 3 * 64
+
+
+def test_a_revision_pins_the_hub_dataset_and_a_changed_one_is_refused_on_resume(tiny, hub, monkeypatch):
+    from gptdist.data.loader import make_plan
+    from gptdist.data.packing import make_state, parse_state
+
+    seen = []
+    fake = datasets.load_dataset
+
+    def recording(path, *args, **kwargs):
+        seen.append(kwargs.get("revision"))
+        return fake(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    pinned = _cfg(tiny, sources=[{"path": NAME, "revision": "0123abc"}])
+    assert len(_samples(pinned, 5)) == 5 and seen and set(seen) == {"0123abc"}
+
+    plan, _ = make_plan(pinned, seed=3)
+    state = make_state(plan, SEQ, 8, 0, 0, plan.initial_cursors())
+    moved, _ = make_plan(_cfg(tiny, sources=[{"path": NAME, "revision": "4567def"}]), seed=3)
+    with pytest.raises(UserError, match="data section"):
+        parse_state(state, moved, SEQ)

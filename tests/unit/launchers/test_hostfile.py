@@ -70,7 +70,7 @@ def test_sbatch_refuses_unknown_config_before_srun():
     ({"NUM_NODES": "2"}, "no NODE_HOSTS"),
     ({"NUM_NODES": "2", "NODE_HOSTS": "a a", "MASTER_PORT": "29999"}, "must be distinct"),
     ({"NUM_NODES": "2", "NODE_HOSTS": "a", "MASTER_PORT": "29999"}, "only 1 host(s)"),
-    ({"NUM_NODES": "2", "NODE_RANK": "2", "NODE_HOSTS": "a b"}, "NODE_RANK=2 is not in 0..1"),
+    ({"NUM_NODES": "2", "NODE_RANK": "2", "NODE_HOSTS": "a b"}, "NODE_RANK=2 is not a whole number in 0..1"),
     ({"NUM_NODES": "2", "NODE_HOSTS": "a b"}, "set MASTER_PORT"),
 ])
 def test_node_launcher_refuses_inconsistent_environment(env, message):
