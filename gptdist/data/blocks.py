@@ -48,6 +48,7 @@ class DataPlan:
     digest: str = ""
     hub_retries: int = 5  # transient hub streaming errors retried this many times in a row (streamed.py)
     hub_backoff_s: float = 2.0  # first wait; doubled each retry
+    window_shuffle: int = 0  # packed windows per shuffled span (packing.py); 0 or 1: stream order
 
     @property
     def weights(self) -> np.ndarray:
@@ -59,7 +60,8 @@ class DataPlan:
 
 
 def plan_digest(sources: Sequence[ResolvedSource], tokenizer_identity: str, block_size: int, shuffle: bool) -> str:
-    """What must not change between saving a data position and resuming from it."""
+    """What the blocks' content depends on (the token cache's key; window_shuffle is not in it: it only reorders
+    windows), and what must not change between saving a data position and resuming from it."""
     blob = {
         "sources": [[s.spec_path, s.weight, s.text_field, s.text_split, s.hub] for s in sources],
         "tokenizer": tokenizer_identity,
