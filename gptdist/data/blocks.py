@@ -5,6 +5,8 @@ Order of documents, all of it a pure function of the seed (nothing depends on ti
 * each source yields its documents epoch after epoch; with shuffling on, the file order of source i in epoch e
   is a permutation drawn from (seed, i, e), otherwise the sorted order;
 * block c holds documents [c*S, (c+1)*S) of the mixed stream (S = data.shuffle_buffer, or 256 when it is 0);
+  with a single source a block holds at most one epoch of it (fewer than S when the source has fewer documents:
+  a single long document is a block of its own, never S copies of it);
   document n of block c comes from the source drawn for it by a generator seeded with (seed, c), weighted by
   `weight`; each source hands out its documents in its own order, looping epochs independently;
 * with shuffling on, the block's documents are permuted by a generator seeded with (seed, c).
@@ -68,6 +70,8 @@ def plan_digest(sources: Sequence[ResolvedSource], tokenizer_identity: str, bloc
         "block_size": block_size,
         "shuffle": shuffle,
     }
+    if len(sources) == 1:
+        blob["one_epoch_per_block"] = True  # blocks of one source stop at one epoch (stream.py); older ones did not
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import time
 
+import torch
+
 from gptdist.data import build_train_loader, iter_samples
 from gptdist.data import loader as loader_mod
 from gptdist.data.producers import ProducerGroup
@@ -59,3 +61,32 @@ def test_ranks_sharing_the_tokenizing_read_spans_in_step(tiny, tmp_path, monkeyp
     assert sum(s["blocks_tokenized"] for s in stats) <= read + 4, stats  # each block once (plus the look-ahead)
     assert all(s["blocks_tokenized"] > 0 for s in stats), stats  # the work really was shared
     assert took < 5.0, f"ranks waited on each other: {took:.1f} s"
+
+
+def test_one_long_document_starts_within_seconds(tiny, tmp_path):
+    """A single ~1 MB text file as the only source, default data settings: a shuffle block holds the file once (not
+    shuffle_buffer copies), and the first batch comes within seconds."""
+    import random
+
+    from gptdist.data import DataConfig
+    from tests.data_helpers import paragraph
+
+    rng = random.Random(0)
+    parts, size = [], 0
+    while size < 1_000_000:
+        parts.append(paragraph(rng))
+        size += len(parts[-1].encode()) + 2
+    path = tmp_path / "input.txt"
+    path.write_text("\n\n".join(parts), encoding="utf-8")
+    cfg = DataConfig(sources=[str(path)], tokenizer=tiny["tokenizer"])  # text_split=document, shuffle_buffer=1000
+    began = time.monotonic()
+    with build_train_loader(cfg, seq_len=256, micro_batch_size=8, dp_rank=0, dp_size=1, seed=1) as loader:
+        batch = next(loader)
+        took = time.monotonic() - began
+        stats = dict(loader.stats)
+    assert took < 20.0, f"first batch after {took:.1f} s"
+    assert stats["documents_tokenized"] <= stats["blocks_tokenized"] + 4, stats  # about one document per block
+    # The batch's windows come from across the file's span, not one run of neighbours.
+    rows = sorted(batch.indices)
+    assert rows == list(range(8))
+    assert not torch.equal(batch.inputs[0, 1:], batch.inputs[1, :-1])
