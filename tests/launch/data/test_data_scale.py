@@ -38,7 +38,9 @@ def runs(tmp_path_factory, corpus, tokenizer_path):
         recipe = write_recipe(
             tmp / f"{name}-{tag}.yaml", corpus, tokenizer_path, tmp / f"{name}-{tag}", model=MODEL,
             parallel=parallel, train={"steps": STEPS, "micro_batch_size": micro, "global_batch_size": GLOBAL},
-            data={"shuffle_buffer": 4, "cache": str(tmp / f"cache-{name}"), "prefetch": 1},
+            # Spans of 256 windows: the 40 x 32 windows trained are 5 whole spans, so what a rank packs is what the
+            # job trains (a rank packs a span whole on entering it).
+            data={"shuffle_buffer": 4, "window_shuffle": 256, "cache": str(tmp / f"cache-{name}"), "prefetch": 1},
             checkpoint={"every": 0, "at_end": False},
         )
         return str(recipe), [], ranks, tmp / f"{name}-{tag}"
