@@ -115,7 +115,7 @@ class ProfileConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Validation during training: the mean next-token loss over the first eval.max_samples windows of a held-out
+    """Validation during training: the mean next-token loss over eval.max_samples windows spread evenly over a held-out
     source, read as `gptdist eval CHECKPOINT --data SOURCE --max-samples N` reads them (train/validation.py)."""
 
     data: Optional[List[SourceSpec]] = Field(None, description="held-out text: one source, in any form data.sources "

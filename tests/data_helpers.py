@@ -76,12 +76,12 @@ def split_on_eos(stream: List[int], eos: int) -> List[List[int]]:
 
 
 def data_cfg(tiny: Dict[str, object], **overrides: object):
-    """A DataConfig over the tiny corpus, cut into paragraphs."""
+    """A DataConfig over the tiny corpus, cut into paragraphs; windows in stream order unless told."""
     from gptdist.data import DataConfig
 
     values: Dict[str, object] = {
         "sources": [str(tiny["corpus"])], "tokenizer": tiny["tokenizer"], "text_split": "paragraph",
-        "shuffle_buffer": 8,
+        "shuffle_buffer": 8, "window_shuffle": 0,
     }
     values.update(overrides)
     return DataConfig(**values)

@@ -1,5 +1,6 @@
-"""`gptdist bench train` and `gptdist bench parallel`: gptdist/cli.py calls register_bench_commands(bench_subparsers).
-Each command's func(args) returns the exit status; the heavy imports happen inside them."""
+"""`gptdist bench train`, `parallel`, `checkpoint` and `quality`: gptdist/cli.py calls
+register_bench_commands(bench_subparsers). Each command's func(args) returns the exit status;
+the heavy imports happen inside them."""
 
 from __future__ import annotations
 
@@ -81,11 +82,34 @@ def register_bench_commands(bench_subparsers: Any) -> None:
     c.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed after)")
     c.set_defaults(func=_checkpoint)
 
+    q = bench_subparsers.add_parser(
+        "quality",
+        help="validation loss of gptdist's data order against random windows of the same tokens, same model",
+        description="Trains the config's model twice per seed in one process (no DeepSpeed), the same optimizer, "
+        "schedule and steps: once on gptdist's training loader, once on windows at random offsets of one pass over "
+        "the training sources (nanoGPT's sampling); prints both validation losses on the same windows of eval.data.")
+    q.add_argument("config", nargs="?", default="configs/shakespeare-char.yaml", help="run config with eval.data "
+                   "(default configs/shakespeare-char.yaml)")
+    q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200")
+    q.add_argument("--seeds", default=None, help="comma-separated train seeds (default: train.seed)")
+    q.add_argument("--eval-windows", type=int, default=None, help="validation windows, spread over eval.data "
+                   "(default eval.max_samples)")
+    q.set_defaults(func=_quality)
+
 
 def _checkpoint(args: argparse.Namespace) -> int:
     from gptdist.bench.checkpoint import run_bench_checkpoint
 
     return run_bench_checkpoint(args)
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from gptdist.bench.quality import quality_config, run
+
+    cfg = quality_config(args.config, args.overrides)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.train.seed]
+    run(cfg, seeds, args.eval_windows or cfg.eval.max_samples)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

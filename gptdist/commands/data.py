@@ -48,11 +48,14 @@ def register_data_commands(subparsers: Any) -> None:
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="WHAT")
     t = tok_sub.add_parser(
         "train",
-        help="train a byte-level BPE tokenizer",
-        description="Train a GPT-2 style byte-level BPE on files, globs, folders or pkg://package/glob sources.",
+        help="train a byte-level BPE tokenizer (or a character-level one: --char)",
+        description="Train a GPT-2 style byte-level BPE on files, globs, folders or pkg://package/glob sources; "
+                    "with --char, one token per character the sources hold (sorted), then <|endoftext|>.",
     )
     t.add_argument("sources", nargs="+", metavar="SOURCE")
-    t.add_argument("--vocab-size", type=int, required=True, help="tokens including <|endoftext|> (>= 257)")
+    t.add_argument("--vocab-size", type=int, help="tokens including <|endoftext|> (>= 257); not with --char")
+    t.add_argument("--char", action="store_true", help="character-level: one token per character, ids in sorted "
+                   "order")
     t.add_argument("--out", required=True, help="output folder; tokenizer.json is written there")
     t.add_argument("--text-field", default="text", help="JSONL/Parquet field with the text (default text)")
     t.add_argument("--text-split", default="document", choices=["document", "paragraph", "line"],
@@ -137,10 +140,16 @@ def cache_command(args: argparse.Namespace) -> int:
 
 
 def tokenizer_train_command(args: argparse.Namespace) -> int:
-    from gptdist.data.tokenizer_train import train_tokenizer
+    from gptdist.data.tokenizer_train import train_char_tokenizer, train_tokenizer
+    from gptdist.errors import UserError
 
-    tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
-                          text_split=args.text_split)
+    if args.char == (args.vocab_size is not None):
+        raise UserError("tokenizer train: give --vocab-size N (byte-level BPE) or --char (characters), one of them")
+    if args.char:
+        tok = train_char_tokenizer(args.sources, args.out, text_field=args.text_field, text_split=args.text_split)
+    else:
+        tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
+                              text_split=args.text_split)
     if args.hf_files:
         tok.save_hf_files(args.out)
     print(f"wrote {args.out}/tokenizer.json: {tok.vocab_size} tokens, {tok.eos_token} = {tok.eos_id}, identity "

@@ -5,6 +5,8 @@ Order of documents, all of it a pure function of the seed (nothing depends on ti
 * each source yields its documents epoch after epoch; with shuffling on, the file order of source i in epoch e
   is a permutation drawn from (seed, i, e), otherwise the sorted order;
 * block c holds documents [c*S, (c+1)*S) of the mixed stream (S = data.shuffle_buffer, or 256 when it is 0);
+  with a single source a block holds at most one epoch of it (fewer than S when the source has fewer documents:
+  a single long document is a block of its own, never S copies of it);
   document n of block c comes from the source drawn for it by a generator seeded with (seed, c), weighted by
   `weight`; each source hands out its documents in its own order, looping epochs independently;
 * with shuffling on, the block's documents are permuted by a generator seeded with (seed, c).
@@ -48,6 +50,7 @@ class DataPlan:
     digest: str = ""
     hub_retries: int = 5  # transient hub streaming errors retried this many times in a row (streamed.py)
     hub_backoff_s: float = 2.0  # first wait; doubled each retry
+    window_shuffle: int = 0  # packed windows per shuffled span (packing.py); 0 or 1: stream order
 
     @property
     def weights(self) -> np.ndarray:
@@ -59,13 +62,16 @@ class DataPlan:
 
 
 def plan_digest(sources: Sequence[ResolvedSource], tokenizer_identity: str, block_size: int, shuffle: bool) -> str:
-    """What must not change between saving a data position and resuming from it."""
+    """What the blocks' content depends on (the token cache's key; window_shuffle is not in it: it only reorders
+    windows), and what must not change between saving a data position and resuming from it."""
     blob = {
         "sources": [[s.spec_path, s.weight, s.text_field, s.text_split, s.hub] for s in sources],
         "tokenizer": tokenizer_identity,
         "block_size": block_size,
         "shuffle": shuffle,
     }
+    if len(sources) == 1:
+        blob["one_epoch_per_block"] = True  # blocks of one source stop at one epoch (stream.py); older ones did not
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,10 @@ class DataConfig(BaseModel):
     tokenizer: str = Field("gpt2", min_length=1, description="'gpt2', a tokenizer.json, or a folder with vocab+merges")
     shuffle_buffer: int = Field(1000, ge=0, description="documents per deterministic shuffle block; 0 keeps source "
                                 "order")
+    window_shuffle: int = Field(16384, ge=0, description="packed windows per shuffled span: the windows of each span "
+                                "of the stream are permuted (seeded by train.seed), so a batch draws from across the "
+                                "span; costs window_shuffle x (seq_len+1) x 4 bytes per rank; 0 or 1 keeps stream "
+                                "order")
     workers: int = Field(0, ge=0, description="tokenizing worker processes; 0 tokenizes in a background thread")
     prefetch: int = Field(4, ge=1, description="micro-batches prepared ahead of the trainer")
     on_bad_file: Literal["fail", "skip"] = Field("fail", description="a non-UTF-8 or unreadable file: stop, or skip "

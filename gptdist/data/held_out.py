@@ -2,8 +2,9 @@
 
 The text is read as training reads one source with no shuffling (files in sorted order, documents in file order,
 each followed by EOS) and cut into the same non-overlapping seq_len+1 windows, so the windows equal
-`gptdist.data.iter_samples` with shuffle_buffer=0. Unlike training, one pass only: the source is not repeated, and a
-last window shorter than seq_len+1 tokens is left out (every sample is scored on a full context).
+`gptdist.data.iter_samples` with shuffle_buffer=0 and window_shuffle=0. Unlike training, one pass only: the source is
+not repeated, and a last window shorter than seq_len+1 tokens is left out (every sample is scored on a full context).
+A limit of N windows takes N evenly strided over the whole pass (spread_windows), not the first N.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from gptdist.errors import UserError
 def held_out_config(source, tokenizer: str, text_field: str, text_split: str) -> DataConfig:
     """source: a path/glob/folder/hub name, or a SourceSpec (its own text_field, hub config and split)."""
     spec = source if isinstance(source, SourceSpec) else SourceSpec(path=str(source))
-    return DataConfig(sources=[spec], tokenizer=tokenizer, shuffle_buffer=0, text_field=text_field,
+    return DataConfig(sources=[spec], tokenizer=tokenizer, shuffle_buffer=0, window_shuffle=0,
+                      text_field=text_field,
                       text_split=text_split, on_bad_file="fail")
 
 
@@ -45,16 +47,19 @@ def windows(data_cfg: DataConfig, tok, seq_len: int, key: str = "--data") -> Ite
             pending = pending[n * width :]
 
 
-def first_windows(data_cfg: DataConfig, tok, seq_len: int, count: int, key: str) -> List[List[int]]:
-    out: List[List[int]] = []
-    for window in windows(data_cfg, tok, seq_len, key):
-        out.append(window)
-        if len(out) >= count:
-            break
-    if not out:
+def spread_windows(data_cfg: DataConfig, tok, seq_len: int, count: int, key: str) -> List[List[int]]:
+    """`count` windows evenly strided over the whole pass: window floor(j * N / count) for j < count (N windows in
+    all; every window when N <= count). So validation estimates the whole held-out text, not where it starts. One
+    pass, holding the held-out tokens (4 bytes each) while it picks."""
+    import numpy as np
+
+    rows = [np.asarray(w, dtype=np.int32) for w in windows(data_cfg, tok, seq_len, key)]
+    if not rows:
         raise UserError(f"{key}: fewer than seq_len+1={seq_len + 1} tokens of text; nothing to evaluate on a full "
                         "context")
-    return out
+    n = len(rows)
+    picks = range(n) if n <= count else [(j * n) // count for j in range(count)]
+    return [rows[i].tolist() for i in picks]
 
 
 def check_source(source, tokenizer: str, text_field: str, text_split: str, key: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from gptdist.data.blocks import UNSHUFFLED_BLOCK, DataPlan, TokBlock, plan_digest
 from gptdist.data.config import DataConfig
-from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches
+from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, rank_batches, samples
 from gptdist.data.producers import ProcessProducers, ProducerGroup, ProducerStats, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
 from gptdist.data.stream import BlockMaker, Indexes
@@ -46,6 +46,7 @@ def make_plan(cfg: DataConfig, seed: int) -> Tuple[DataPlan, GPTTokenizer]:
         digest=plan_digest(sources, tok.identity, block, shuffle),
         hub_retries=cfg.hub_retries,
         hub_backoff_s=cfg.hub_backoff_s,
+        window_shuffle=cfg.window_shuffle,
     )
     return plan, tok
 
@@ -67,7 +68,8 @@ def sequential_blocks(plan: DataPlan, start_block: int = 0, cursors=None) -> Ite
 def iter_samples(cfg: DataConfig, *, seq_len: int, seed: int, start: int = 0) -> Iterator[Tuple[int, List[int]]]:
     """The global sample sequence from `start` on: (index, the seq_len+1 token window). Runs in the caller."""
     plan, _ = make_plan(cfg, seed)
-    packer = Packer(sequential_blocks(plan), seq_len, Start(), on_block=_BadFileLog().see)
+    packer = samples(Packer(sequential_blocks(plan), seq_len, Start(), on_block=_BadFileLog().see),
+                     plan.window_shuffle, plan.seed)
     k = start
     while True:
         yield k, packer.window(k).tolist()
@@ -129,7 +131,8 @@ class TrainLoader:
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.start_state = make_state(plan, seq_len, start.sample, start.block, start.offset, start.cursors or [])
+        self.start_state = make_state(plan, seq_len, start.sample, start.block, start.offset, start.cursors or [],
+                                      start.at)
         self._bad = _BadFileLog()
         self._error: Optional[BaseException] = None
         self._producer = _Producer(self, start, workers, prefetch, producers)
@@ -264,11 +267,12 @@ class _Producer:
         else:
             self.producer = ThreadProducer(plan, cache, start.block, cursors, first, total, lookahead)
         self.blocks = BlockReader(plan, cache, start, self.producer)
-        packer = Packer(self.blocks, loader.seq_len, start, on_block=bad.see)
+        packer = samples(Packer(self.blocks, loader.seq_len, start, on_block=bad.see), plan.window_shuffle,
+                         plan.seed)
         seq_len = loader.seq_len
 
-        def state_of(sample: int, block: int, offset: int, cursors: List[List[int]]) -> Dict[str, Any]:
-            return make_state(plan, seq_len, sample, block, offset, cursors)
+        def state_of(sample: int, block: int, offset: int, cursors: List[List[int]], at: int) -> Dict[str, Any]:
+            return make_state(plan, seq_len, sample, block, offset, cursors, at)
 
         batches = rank_batches(packer, start.sample, loader.dp_rank, loader.dp_size, loader.micro_batch_size, state_of)
         self.thread = threading.Thread(target=self._run, args=(batches,), name="gptdist-data", daemon=True)

@@ -138,16 +138,27 @@ class Positions:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def take(self, cursor: Sequence[int], k: int) -> Tuple[List[Tuple[int, int, int]], Cursor]:
-        """The next k documents after `cursor`, as (file, first, last+1) runs, and the cursor after them."""
+    def take(self, cursor: Sequence[int], k: int, once: bool = False) -> Tuple[List[Tuple[int, int, int]], Cursor]:
+        """The next k documents after `cursor`, as (file, first, last+1) runs, and the cursor after them.
+
+        once: never more documents than one epoch holds. Once this take has gone through a whole epoch (start to
+        end) it knows that count and stops there: one long document per file gives a block of that file once, not
+        k copies of it."""
         epoch, fpos, used = (int(x) for x in cursor)
         runs: List[Tuple[int, int, int]] = []
         out: Cursor = [epoch, fpos, used]
         dry = 0  # files in a row with no document left: more than a whole epoch's worth means an empty source
+        taken, epoch_from = 0, (0 if fpos == 0 and used == 0 else None)  # documents; taken when this epoch began
         while k > 0:
             order = self.file_order(epoch)
             if fpos >= len(order):
+                whole = taken - epoch_from if epoch_from is not None else 0  # documents of the epoch just ended
+                if once and whole > 0:
+                    k = min(k, whole - taken)
+                    if k <= 0:
+                        break
                 epoch, fpos, used = epoch + 1, 0, 0
+                epoch_from = taken
                 continue
             f = order[fpos]
             n = self.docs.at_least(f, used + k, used)  # = used + k while the file has that many
@@ -156,6 +167,7 @@ class Positions:
                 runs.append((f, used, used + step))
                 used += step
                 k -= step
+                taken += step
                 out = [epoch, fpos, used]
                 dry = 0
                 if k == 0:
@@ -185,6 +197,10 @@ class BlockMaker:
         rep = report or (lambda path, reason: self.bad.append((path, reason)))
         self.sources = [SourceDocs(s, plan, indexes, rep) for s in plan.sources]
         self.positions = [Positions(d, plan.seed, plan.shuffle) for d in self.sources]
+        # One source: a block holds at most one epoch of it (a single long document is not repeated block_size
+        # times). Several: the weights decide, by documents, as they ask.
+        self.once = len(self.sources) == 1
+        self._last: Optional[Tuple[List[str], np.ndarray]] = None  # the last block's documents and tokens
 
     def choices(self, c: int) -> np.ndarray:
         size, n = self.plan.block_size, len(self.sources)
@@ -195,7 +211,7 @@ class BlockMaker:
     def advance(self, c: int, cursors: Sequence[Sequence[int]]) -> List[Cursor]:
         """The cursors after block c, without reading any document."""
         counts = np.bincount(self.choices(c), minlength=len(self.sources))
-        return [pos.take(cur, int(k))[1] for pos, cur, k in zip(self.positions, cursors, counts)]
+        return [pos.take(cur, int(k), self.once)[1] for pos, cur, k in zip(self.positions, cursors, counts)]
 
     def cursors_at(self, target: int, block: int, cursors: Sequence[Sequence[int]]) -> List[Cursor]:
         cur = [list(map(int, c)) for c in cursors]
@@ -209,13 +225,16 @@ class BlockMaker:
         flat: List[str] = []
         after: List[Cursor] = []
         for docs, pos, cur, k in zip(self.sources, self.positions, cursors, counts):
-            runs, new = pos.take(cur, int(k))
+            runs, new = pos.take(cur, int(k), self.once)
             for f, lo, hi in runs:
                 flat.extend(docs.read(f, lo, hi))
             after.append(new)
-        ordered: List[str] = [""] * len(flat)
-        for k, p in enumerate(np.argsort(choice, kind="stable").tolist()):  # each document where it was drawn
-            ordered[p] = flat[k]
+        if self.once:
+            ordered = flat  # one source: drawn in order (a block cut at one epoch holds fewer than block_size)
+        else:
+            ordered = [""] * len(flat)
+            for k, p in enumerate(np.argsort(choice, kind="stable").tolist()):  # each document where it was drawn
+                ordered[p] = flat[k]
         if self.plan.shuffle:
             perm = np.random.default_rng([self.plan.seed, _PERM, c]).permutation(len(ordered)).tolist()
             ordered = [ordered[p] for p in perm]
@@ -226,4 +245,9 @@ class BlockMaker:
 
         docs, after = self.documents(c, cursors)
         bad, self.bad = self.bad, []
-        return TokBlock(c, tokenize_block(tok, docs), [list(x) for x in cursors], len(docs), bad), after
+        if self._last is not None and self._last[0] == docs:
+            tokens = self._last[1]  # the same documents as the block before (one long document, block after block)
+        else:
+            tokens = tokenize_block(tok, docs)
+            self._last = (docs, tokens)
+        return TokBlock(c, tokens, [list(x) for x in cursors], len(docs), bad), after

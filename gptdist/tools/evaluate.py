@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from gptdist.data.held_out import held_out_config, windows
+from gptdist.data.held_out import held_out_config, spread_windows, windows
 from gptdist.errors import UserError
 from gptdist.tools.resolve import Checkpoint
 
@@ -57,14 +57,16 @@ def evaluate(ckpt: Checkpoint, source: str, *, max_samples: Optional[int] = None
         logits = model(w[:, :-1]).float()
         return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum"))
 
-    for window in windows(data_cfg, tok, seq_len):
+    if max_samples is None:
+        chosen = windows(data_cfg, tok, seq_len)
+    else:  # spread over the whole source, as validation during training takes them
+        chosen = iter(spread_windows(data_cfg, tok, seq_len, max_samples, f"--data {source}"))
+    for window in chosen:
         batch.append(window)
         samples += 1
         if len(batch) == batch_size:
             total += score(batch)
             batch = []
-        if max_samples is not None and samples >= max_samples:
-            break
     if batch:
         total += score(batch)
     if samples == 0:

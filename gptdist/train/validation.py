@@ -1,4 +1,4 @@
-"""Validation during training: the mean next-token loss over the first eval.max_samples windows of eval.data, in
+"""Validation during training: the mean next-token loss over eval.max_samples windows spread evenly over eval.data, in
 every layout, equal to what `gptdist eval` reports for the checkpoint of the same step.
 
 The windows are read by gptdist/data/held_out.py, as `gptdist eval` reads them. Window k goes to data-parallel rank
@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import torch
 
-from gptdist.data.held_out import first_windows, held_out_config
+from gptdist.data.held_out import held_out_config, spread_windows
 
 IGNORE = -100
 
@@ -41,10 +41,10 @@ class Validator:
         self.every, self.at_end, self.max_samples = ev.every, ev.at_end, ev.max_samples
         self.seq_len = cfg.model.seq_len
         held = held_out_config(source, data.tokenizer, source.text_field or data.text_field, data.text_split)
-        windows = first_windows(held, tokenizer, self.seq_len, ev.max_samples, key="eval.data")
+        windows = spread_windows(held, tokenizer, self.seq_len, ev.max_samples, key="eval.data")
         self.samples = len(windows)
         self.batches = self._micro_batches(windows)  # the same every time: built once
-        log.info(f"gptdist | validation on the first {self.samples} windows of {source.path}"
+        log.info(f"gptdist | validation on {self.samples} windows spread over {source.path}"
                  f"{f' every {ev.every} steps' if ev.every else ''}{' and at the end' if ev.at_end else ''}")
 
     def due(self, step: int, last: bool) -> bool:

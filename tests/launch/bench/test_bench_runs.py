@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 from gptdist.cli import main
@@ -63,3 +65,24 @@ def test_bench_peers_runs_every_system_under_the_launcher(capsys, tmp_path):
     assert all(float(c.replace(",", "")) > 0 for c in cells[2:5]), row
     assert cells[5].endswith("x") and cells[6].endswith("x"), row
     assert "| 1 | 1 |" not in out  # only the layout asked for
+
+
+def test_bench_quality_trains_both_sides_on_the_same_windows(capsys, tmp_path, corpus):
+    """The shipped character-level recipe on a small text made here: both sides train and are scored."""
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt")))[:60_000]
+    n = int(len(text) * 0.9)
+    (tmp_path / "train.txt").write_text(text[:n], encoding="utf-8")
+    (tmp_path / "val.txt").write_text(text[n:], encoding="utf-8")
+    assert main(["tokenizer", "train", "--char", str(tmp_path / "train.txt"), str(tmp_path / "val.txt"),
+                 "--out", str(tmp_path)]) == 0
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    code = main(["bench", "quality", "configs/shakespeare-char.yaml", f"data.sources={tmp_path / 'train.txt'}",
+                 f"data.tokenizer={tmp_path / 'tokenizer.json'}", f"eval.data={tmp_path / 'val.txt'}",
+                 f"model.vocab_size={len(vocab)}", "train.steps=3", "train.warmup_steps=1", "--eval-windows", "16",
+                 "--seeds", "1,2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "validation on 16 windows" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert len(rows) == 4 and all(math.isfinite(float(r[-2])) for r in rows), out
+    assert "mean val loss over 2 seed(s)" in out

@@ -24,6 +24,7 @@ from gptdist.tools.compare_loss import compare, load_losses
 from tests.helpers import cpu_env, write_recipe
 
 STEPS, GLOBAL, SEQ = 40, 32, 64
+WINDOWS = 256  # data.window_shuffle: the 40 x 32 windows trained are 5 whole spans
 MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "vocab_size": 512, "seq_len": SEQ}
 LAYOUTS = {"dp4": ({"tp": 1, "pp": 1, "zero_stage": 1}, 4), "tp2-dp2": ({"tp": 2, "pp": 1, "zero_stage": 0}, 4)}
 
@@ -38,7 +39,9 @@ def runs(tmp_path_factory, corpus, tokenizer_path):
         recipe = write_recipe(
             tmp / f"{name}-{tag}.yaml", corpus, tokenizer_path, tmp / f"{name}-{tag}", model=MODEL,
             parallel=parallel, train={"steps": STEPS, "micro_batch_size": micro, "global_batch_size": GLOBAL},
-            data={"shuffle_buffer": 4, "cache": str(tmp / f"cache-{name}"), "prefetch": 1},
+            # Spans of 256 windows: the 40 x 32 windows trained are 5 whole spans, so what a rank packs is what the
+            # job trains (a rank packs a span whole on entering it).
+            data={"shuffle_buffer": 4, "window_shuffle": WINDOWS, "cache": str(tmp / f"cache-{name}"), "prefetch": 1},
             checkpoint={"every": 0, "at_end": False},
         )
         return str(recipe), [], ranks, tmp / f"{name}-{tag}"
@@ -79,8 +82,10 @@ def test_each_token_is_tokenized_once_per_job_counted_and_seen_from_outside(runs
     records = list(first_blocks[name].values())
     biggest = max(r["tokens"] for r in records)
     producers = ranks  # every rank reads data in both layouts; data.workers=0: one producer each
-    # Look-ahead: one block per producer, and the rank's prepared micro-batch (data.prefetch=1) in the queue.
-    assert consumed <= tokenized <= 1.1 * consumed + producers * biggest, (tokenized, consumed, biggest)
+    # Look-ahead: one block per producer, and the rank's prepared micro-batch (data.prefetch=1) in the queue,
+    # which is the first of the next span: a rank packs a span whole on entering it (WINDOWS windows).
+    span = WINDOWS * (SEQ + 1)
+    assert consumed <= tokenized <= 1.1 * consumed + span + producers * biggest, (tokenized, consumed, biggest)
     # The work is spread: every rank tokenized a share, none the whole stream.
     for rank, report in reports.items():
         assert 0 < report["tokens"] < 0.5 * tokenized, (rank, report)

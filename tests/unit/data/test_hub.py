@@ -66,7 +66,8 @@ def hub(monkeypatch):
 
 
 def _cfg(tiny, **kw) -> DataConfig:
-    values = {"sources": [NAME], "tokenizer": tiny["tokenizer"], "shuffle_buffer": 64, "hub_backoff_s": 0.0}
+    values = {"sources": [NAME], "tokenizer": tiny["tokenizer"], "shuffle_buffer": 64, "hub_backoff_s": 0.0,
+              "window_shuffle": 0}
     values.update(kw)
     return DataConfig(**values)
 

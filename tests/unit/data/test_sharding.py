@@ -41,9 +41,10 @@ def _reference(cfg, start, n, seed=5):
     return dict(itertools.islice(iter_samples(cfg, seq_len=SEQ, seed=seed, start=start), n))
 
 
+@pytest.mark.parametrize("span", [0, 12])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_ranks_partition_the_sample_sequence(tiny, world):
-    cfg = data_cfg(tiny)
+def test_ranks_partition_the_sample_sequence(tiny, world, span):
+    cfg = data_cfg(tiny, window_shuffle=span)
     steps = 6
     runs = _run(cfg, world, steps)
     union = {}
@@ -61,9 +62,10 @@ def test_ranks_partition_the_sample_sequence(tiny, world):
         assert states[0]["sample"] == (i + 1) * B * world
 
 
+@pytest.mark.parametrize("span", [0, 12])
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 1)])
-def test_resume_with_another_world_size(tiny, before, after):
-    cfg = data_cfg(tiny)
+def test_resume_with_another_world_size(tiny, before, after, span):
+    cfg = data_cfg(tiny, window_shuffle=span)
     first = _run(cfg, before, 7)
     state = first[0][-1].state
     seen = {}
@@ -79,8 +81,9 @@ def test_resume_with_another_world_size(tiny, before, after):
     assert resumed == _reference(cfg, state["sample"], 5 * B * after)
 
 
-def test_resume_does_not_tokenize_earlier_blocks(tiny, monkeypatch):
-    cfg = data_cfg(tiny, prefetch=1)
+@pytest.mark.parametrize("span", [0, 12])
+def test_resume_does_not_tokenize_earlier_blocks(tiny, monkeypatch, span):
+    cfg = data_cfg(tiny, prefetch=1, window_shuffle=span)
     state = _run(cfg, 2, 25)[0][-1].state
     assert state["block"] >= 6, "the test needs a cursor well past the first blocks"
     calls = []

@@ -79,3 +79,18 @@ def test_tokenizer_spec_errors(tmp_path):
 def test_train_tokenizer_refuses_tiny_vocab(tiny, tmp_path):
     with pytest.raises(UserError, match="--vocab-size=100"):
         train_tokenizer([str(tiny["corpus"])], 100, tmp_path)
+
+
+def test_char_tokenizer_numbers_characters_in_sorted_order(tmp_path, capsys):
+    from gptdist.cli import main
+    from gptdist.data import load_tokenizer
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    assert main(["tokenizer", "train", "--char", str(tmp_path / "input.txt"), "--out", str(tmp_path / "tok")]) == 0
+    tok = load_tokenizer(str(tmp_path / "tok" / "tokenizer.json"))
+    chars = sorted(set(text))
+    assert tok.vocab_size == len(chars) + 1 and tok.eos_id == len(chars)
+    assert tok.encode(text) == [chars.index(c) for c in text]
+    assert tok.decode(tok.encode(text)) == text
+    assert main(["tokenizer", "train", str(tmp_path / "input.txt"), "--out", str(tmp_path / "x")]) == 2  # neither

@@ -44,7 +44,7 @@ def test_eval_loss_equals_hand_computation(imported, recipe, tokenizer_path, hel
     result = json.loads(out)
     # The same windows the training loader forms from this one source unshuffled, up to the end of one pass.
     data = DataConfig(sources=[str(heldout)], tokenizer=str(tokenizer_path), text_split="paragraph",
-                      shuffle_buffer=0)
+                      shuffle_buffer=0, window_shuffle=0)
     seq_len = TINY_MODEL["seq_len"]
     stream = [w for _, (_, w) in zip(range(result["samples"] + 1), iter_samples(data, seq_len=seq_len, seed=0))]
     tok = load_tokenizer(str(tokenizer_path))
@@ -58,11 +58,14 @@ def test_eval_loss_equals_hand_computation(imported, recipe, tokenizer_path, hel
     assert result["tokens"] == result["samples"] * seq_len
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-    # --max-samples: the first N of the same windows.
+    # --max-samples: N of the same windows, evenly strided over the whole source (not its first N).
     code, out, _ = run_cli(capsys, "eval", imported, "--data", heldout, "--max-samples", "4", "--json")
+    n = result["samples"]
+    picks = [j * n // 4 for j in range(4)]
+    assert picks[-1] >= n // 2
     with torch.no_grad():
-        first4 = model(windows[:4, :-1], windows[:4, 1:]).item()
-    assert json.loads(out)["samples"] == 4 and json.loads(out)["loss"] == pytest.approx(first4, rel=1e-5)
+        spread = model(windows[picks, :-1], windows[picks, 1:]).item()
+    assert json.loads(out)["samples"] == 4 and json.loads(out)["loss"] == pytest.approx(spread, rel=1e-5)
 
 
 def test_generate_json_and_sampling(imported, tokenizer_path, capsys):
