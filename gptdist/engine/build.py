@@ -98,6 +98,11 @@ def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
         dist_init_required=False,
     )
     _clip_with_layout_aware_norm(engine, topology, pipeline=layout.pp > 1)
+    if layout.pp == 1 and layout.dp == 1 and layout.zero_stage == 0:
+        # One data-parallel rank has nothing to reduce, but DeepSpeed would still flatten every gradient into
+        # buckets, all-reduce them over a group of one and copy them back, every step (its pipeline engine turns
+        # this off the same way). ZeRO's optimizers reduce through this path, hence stage 0 only.
+        engine.enable_backward_allreduce = False
     step_fn = PipelineStep(engine) if layout.pp > 1 else PlainStep(engine, layout.grad_accum, drills)
     return engine, step_fn, param_names
 
@@ -114,10 +119,11 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
 
     max_norm = engine.gradient_clipping()
     group = engine.mpu.get_model_parallel_group() if pipeline else topology.tp_group
+    all_params = list(engine.module.parameters())  # walked once: the module tree does not change while training
+    counted = [p for p in all_params if not getattr(p, "ds_pipe_replicated", False)]
 
     def clip_and_record() -> None:
-        params = [p for p in engine.module.parameters()
-                  if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        params = [p for p in counted if p.grad is not None]
         norm = tp_grad_norm(params, topology.tp_group, group)
         engine._global_grad_norm = norm
         # A non-finite gradient (NaN/inf loss) must not reach the weights: drop every gradient, so the optimizer
@@ -126,13 +132,11 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
         skip = not bool(torch.isfinite(norm))
         engine.optimizer.overflow = skip
         if skip:
-            for p in engine.module.parameters():
+            for p in all_params:
                 p.grad = None
             return
-        coef = max_norm / (norm + 1e-6)
+        coef = float(max_norm / (norm + 1e-6))
         if coef < 1:
-            for p in engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
+            torch._foreach_mul_([p.grad.detach() for p in all_params if p.grad is not None], coef)
 
     engine.clip_fp32_gradients = clip_and_record

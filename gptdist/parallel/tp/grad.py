@@ -32,12 +32,13 @@ def tp_grad_norm(parameters: Iterable[torch.Tensor], tp_group: Group,
     """
     parameters = list(parameters)
     count_replicated = tp_rank(tp_group) == 0
+    grads = [p.grad.detach() for p in parameters if p.grad is not None and (count_replicated or is_tp_sharded(p))]
     total = None
-    for p in parameters:
-        if p.grad is None or not (count_replicated or is_tp_sharded(p)):
-            continue
-        sq = p.grad.detach().float().pow(2).sum()
-        total = sq if total is None else total + sq
+    if grads:
+        # One fused pass (per-tensor norms in float32, no squared temporaries of every gradient), then the sum of
+        # their squares: the same norm as summing every element's square.
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = torch.stack(norms).square().sum()
     if total is None:
         # on the parameters' device: an NCCL all-reduce needs every rank's tensor on the GPU
         device = parameters[0].device if parameters else torch.device("cpu")
