@@ -73,8 +73,12 @@ class StepTimes:
             return None
         path = run_dir / "step_times.json"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(found, indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(found, indent=1))
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: leave no torn file behind
+            raise
         return found
 
 

@@ -97,6 +97,16 @@ class Telemetry:
 
     # ---------------------------------------------------------------------------------------------- the end
 
+    def _write_step_times(self) -> None:
+        """The breakdown is a report, not the run's outcome: a full disk costs the file, with a warning."""
+        try:
+            found = self.times.write(self.run_dir)
+        except OSError as exc:
+            found = self.times.summary()
+            self.log.warn(f"could not write {self.run_dir / 'step_times.json'} ({exc.strerror or exc})")
+        if found is not None:
+            self.log.info("gptdist | " + describe_step_times(found))
+
     def close(self, outcome) -> None:
         """Every rank: the window, the memory report and the profiler close; rank 0 then closes metrics.jsonl,
         writes the outcome's record (run_complete.json, stopped.json), draws the curves, ends the MLflow run with the
@@ -107,8 +117,8 @@ class Telemetry:
         if self.metrics is None:
             return
         self.metrics.close()
-        if self.times is not None and (found := self.times.write(self.run_dir)) is not None:
-            self.log.info("gptdist | " + describe_step_times(found))
+        if self.times is not None:
+            self._write_step_times()
         record = outcome.record(self.tracker.run_id)
         if record is not None:
             (self.run_dir / record[0]).write_text(json.dumps(record[1]) + "\n")

@@ -11,6 +11,7 @@ filesystem. data.cache=off: no folder, every rank tokenizes all it reads.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -76,6 +77,10 @@ class DataFeed:
             return
         self._loader.close()
         stats = dict(self._loader.stats)  # after close: a block being written at the time is in it
-        folder = self._run_dir / "data"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank_{self._rank}.json").write_text(json.dumps({"rank": self._rank, **stats}, indent=1))
+        path = self._run_dir / "data" / f"rank_{self._rank}.json"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"rank": self._rank, **stats}, indent=1))
+        except OSError as exc:  # a report, not the run's outcome: a full disk costs the file, not the ending
+            print(f"gptdist | rank {self._rank}: could not write {path} ({exc.strerror or exc})", file=sys.stderr,
+                  flush=True)

@@ -2,10 +2,13 @@
 
     deepspeed --num_gpus N gptdist/bench/peer_runs/hf_trainer.py --zero 1 ... --out steps.json
 
-What it needed to see CPU ranks under the deepspeed launcher: `use_cpu=True` (without it TrainingArguments asks
-for a GPU when a DeepSpeed config is given) and the gloo backend, which DeepSpeed picks for its CPU accelerator
-(DS_ACCELERATOR=cpu, set by gptdist bench peers). The optimizer and schedule are the Trainer's own (torch AdamW,
-cosine), which it hands to DeepSpeed; the DeepSpeed config leaves every size to the Trainer ("auto").
+What it needs to see CPU ranks under the deepspeed launcher, with transformers 5.25 and DeepSpeed 0.19.8: nothing
+beyond DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, which gptdist bench peers sets; DeepSpeed also falls back to
+it when it finds no GPU) and gloo, which DeepSpeed picks for it. It was checked to train through a DeepSpeedEngine
+at the asked ZeRO stage with and without `use_cpu=True`; the script sets `use_cpu` where there is no GPU, as
+transformers documents for CPU training, and fails rather than time another engine (below). The optimizer and
+schedule are the Trainer's own (torch AdamW, cosine), which it hands to DeepSpeed; the DeepSpeed config leaves every
+size to the Trainer ("auto").
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def main() -> None:
         torch.manual_seed(args.seed)
         trainer = Trainer(model=gpt2(args), args=training_args, train_dataset=Tokens(), callbacks=[Clock()])
         trainer.train()
+        # The row is labelled "with DeepSpeed ZeRO": prove the Trainer really trained through a DeepSpeed engine at
+        # the stage asked for, rather than falling back to its own CPU path.
+        engine = trainer.model_wrapped
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+        if type(engine).__name__ != "DeepSpeedEngine" or stage != args.zero:
+            raise SystemExit(f"the Trainer trained through {type(engine).__name__} (ZeRO {stage}), not DeepSpeed "
+                             f"ZeRO {args.zero}")
     clock.write(args.out, rank, args.micro_batch * args.seq * world)
     torch.distributed.barrier()
     os._exit(0)

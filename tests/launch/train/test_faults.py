@@ -98,8 +98,9 @@ def small_disk(tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint_and_an_unsaved_end_is_not_complete(small_disk, tmp_path, corpus,
                                                                                     tokenizer_path):
     run = small_disk / "run"
+    # The token cache elsewhere: the checkpoints are what fills this disk (a span of windows is tokenized ahead).
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 12},
-                          checkpoint={"every": 4})
+                          checkpoint={"every": 4}, data={"cache": str(tmp_path / "token_cache")})
     proc = train_single(recipe)
     # Step 8's save is refused before writing (no room for a second checkpoint); so is the final one, and a run
     # whose last checkpoint is missing is not complete: exit 4, no run_complete.json, so a scheduler runs it again.
@@ -115,7 +116,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_an_unsaved_end_is_not_compl
     # A second run on the same full disk: with no checkpoint of its own to size against, its saves start and fail
     # as they are written (no space left); after checkpoint.max_failed_saves of them in a row it stops.
     recipe = write_recipe(tmp_path / "r2.yaml", corpus, tokenizer_path, small_disk / "run2", train={"steps": 40},
-                          checkpoint={"every": 2, "max_failed_saves": 2})
+                          checkpoint={"every": 2, "max_failed_saves": 2}, data={"cache": str(tmp_path / "token_cache")})
     proc = train_single(recipe)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "No space left on device" in proc.stderr
