@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from gptdist.bench.in_training import step_windows
 from gptdist.errors import UserError
 from gptdist.machine import usable_cores
 
@@ -57,12 +58,6 @@ def window_rates(step_ends: Sequence[float], tokens_per_step: int) -> List[float
         seconds = step_ends[end - 1] - step_ends[end - WINDOW - 1]
         rates.append(WINDOW * tokens_per_step / seconds)
     return rates
-
-
-def gptdist_rates(metrics: Path) -> List[float]:
-    from gptdist.bench.in_training import step_windows
-
-    return step_windows(metrics)
 
 
 def _launch(cmd: List[str], env: Dict[str, str], log: Path, timeout: float) -> Optional[str]:
@@ -112,7 +107,7 @@ def run_one(system: str, world: int, zero: int, cfg, config: str, overrides: Seq
         metrics = folder / "run" / "metrics.jsonl"
         if not (folder / "run" / "run_complete.json").exists() or not metrics.exists():
             raise RuntimeError(_tail(log))
-        return gptdist_rates(metrics)
+        return step_windows(metrics)
     found = folder / "steps.json"
     if not found.exists():
         raise RuntimeError(_tail(log))

@@ -69,31 +69,25 @@ class Packer:
         self._on_block = on_block
 
     def window(self, k: int) -> np.ndarray:
-        pos = k * self.width
-        self._fill(pos + self.width)
+        pieces = self._pieces(k * self.width, (k + 1) * self.width)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def windows(self, lo: int, hi: int) -> np.ndarray:
+        """Physical windows [lo, hi) as one (hi - lo, seq_len + 1) array, read up to window hi at once."""
+        return np.concatenate(self._pieces(lo * self.width, hi * self.width)).reshape(hi - lo, self.width)
+
+    def _pieces(self, pos: int, want: int) -> List[np.ndarray]:
+        """The stream's tokens [pos, want) as views into the buffered blocks, packed up to `want` first."""
+        self._fill(want)
         self._drop(pos)
-        pieces, want = [], pos + self.width
+        pieces = []
         for start, block in self._buf:
             lo, hi = max(pos, start), min(want, start + len(block.tokens))
             if lo < hi:
                 pieces.append(block.tokens[lo - start : hi - start])
             if start + len(block.tokens) >= want:
                 break
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def windows(self, lo: int, hi: int) -> np.ndarray:
-        """Physical windows [lo, hi) as one (hi - lo, seq_len + 1) array, read up to window hi at once."""
-        pos, want = lo * self.width, hi * self.width
-        self._fill(want)
-        self._drop(pos)
-        pieces = []
-        for start, block in self._buf:
-            a, b = max(pos, start), min(want, start + len(block.tokens))
-            if a < b:
-                pieces.append(block.tokens[a - start : b - start])
-            if start + len(block.tokens) >= want:
-                break
-        return np.concatenate(pieces).reshape(hi - lo, self.width)
+        return pieces
 
     def locate(self, k: int) -> Tuple[int, int, List[Cursor], int]:
         """(block, offset in its tokens, source cursors at its start, k) of physical window k's first token."""
