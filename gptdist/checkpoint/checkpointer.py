@@ -45,10 +45,11 @@ class SaveRecord:
 
     step: int
     ok: bool
-    blocking_s: float  # the longest any rank's training waited for it
+    blocking_s: float  # what training waited for: the longest rank's snapshot, plus the seal below
     write_s: float  # the longest any rank's background write took
     nbytes: int  # every rank's files together
     problem: Optional[str] = None
+    seal_s: float = 0.0  # on the training thread: waiting for the write (if unfinished), agreeing, rank 0 sealing
 
 
 class Checkpointer:
@@ -186,12 +187,14 @@ class Checkpointer:
         if self._in_flight is not None and not _any_rank(not self._in_flight.done()):
             self._finish()
 
-    def _finish(self, sync_start: Optional[float] = None) -> Optional[SaveRecord]:
+    def _finish(self, sync_start: Optional[float] = None, training: bool = True) -> Optional[SaveRecord]:
         """Collective: wait for this rank's write, then rank 0 seals the checkpoint (or says why it could not).
-        sync_start: a synchronous save, whose whole time (snapshot, write and seal) blocked training."""
+        sync_start: a synchronous save, whose whole time (snapshot, write and seal) blocked training. training:
+        False at the end of the run, where the wait no longer holds a step back (it is still recorded, as seal_s)."""
         write, self._in_flight = self._in_flight, None
         if write is None:
             return None
+        seal_start = time.perf_counter()
         write.wait()
         if sync_start is not None:
             write.result.blocking_s = time.perf_counter() - sync_start
@@ -202,11 +205,14 @@ class Checkpointer:
             problem = commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
                              self.cfg.checkpoint.keep)
         problem = _from_main(problem, self.rank.world.size)
+        seal = time.perf_counter() - seal_start  # rank 0's: the seal's time, which the other ranks waited for
         blocking = max(r.blocking_s for r in results)
         if sync_start is not None:
             blocking = max(blocking, time.perf_counter() - sync_start)  # the seal too
+        elif training:
+            blocking += seal  # a background save still holds training back while it is sealed
         record = SaveRecord(step, problem is None, blocking, max(r.write_s for r in results),
-                            sum(r.nbytes for r in results), problem)
+                            sum(r.nbytes for r in results), problem, seal)
         if problem is None:
             self.failures = 0
             self.last = record
@@ -233,7 +239,7 @@ class Checkpointer:
 
     def close(self) -> Optional[SaveRecord]:
         """Collective, at the end of a run: the save in flight completed. Returns the last save's record."""
-        self._finish()
+        self._finish(training=False)
         return self.last
 
     def abandon(self, timeout_s: float = 120.0) -> None:

@@ -181,6 +181,7 @@ def commit(root: Path, step: int, results: List[WriteResult], tp: int, state: Di
         write_durably(partial / INDEX_FILE, json.dumps(index).encode())
         write_durably(partial / STATE_FILE, json.dumps(state, indent=1).encode())
         fsync_dir(partial / "model")
+        fsync_dir(partial)  # every file and folder is on disk before the manifest that names them
         files: Dict[str, Dict] = {}
         for r in results:
             files.update(r.files)
@@ -196,7 +197,7 @@ def commit(root: Path, step: int, results: List[WriteResult], tp: int, state: Di
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         return f"the checkpoint of step {step} could not be sealed in {root}: {getattr(exc, 'strerror', None) or exc}"
-    prune(root, keep)
+    prune(root, keep, step)
     return None
 
 

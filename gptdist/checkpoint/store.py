@@ -161,20 +161,22 @@ def storage_problem(root: Path, rank: int) -> Optional[str]:
     return None
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (at least one); drop older ones, and interrupted saves and
-    leftovers older than the oldest kept."""
+def prune(root: Path, keep: int, saved: int) -> None:
+    """Rank 0, right after the save of step `saved` became a complete checkpoint (no other save is in flight): keep
+    it and the newest `keep` - 1 complete checkpoints before it; drop older ones and every interrupted save.
+
+    Checkpoints newer than `saved` are neither counted nor removed: they exist only when this run resumed from an
+    older one because they failed verification (a damaged newest checkpoint must never cost the one just written, and
+    it stays for whoever wants to look at it)."""
     found = list_checkpoints(root)
-    complete = [(s, f) for s, f in found if read_manifest(f) is not None]
-    kept = complete[:max(1, keep)]
-    if not kept:
-        return
-    oldest_kept = kept[-1][0]
-    names = {f for _, f in kept}
+    older = [step for step, folder in found if step < saved and read_manifest(folder) is not None]
+    kept = {saved, *older[:max(1, keep) - 1]}
     for step, folder in found:
-        if folder not in names and (step < oldest_kept or read_manifest(folder) is not None):
+        if step < saved and step not in kept:
             shutil.rmtree(folder, ignore_errors=True)
     for leftover in root.iterdir():
         m = _PARTIAL.match(leftover.name)
-        if m and int(m.group(1)) < oldest_kept:
+        # Any .partial is a save that never completed (this one was renamed); a .replaced newer than `saved` is
+        # left alone, since a kill between the two renames of _rename_into_place may have left it the only copy.
+        if m and (m.group(2) == "partial" or int(m.group(1)) <= saved):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -85,7 +85,8 @@ class Telemetry:
         if self.metrics is None:
             return
         entry = {"step": record.step, "checkpoint_saved": record.ok, "checkpoint_blocking_s": record.blocking_s,
-                 "checkpoint_write_s": record.write_s, "checkpoint_bytes": record.nbytes}
+                 "checkpoint_seal_s": record.seal_s, "checkpoint_write_s": record.write_s,
+                 "checkpoint_bytes": record.nbytes}
         self.metrics.write([entry])
         self.tracker.log_metrics([entry])
 

@@ -1,8 +1,8 @@
 """Fault drills: make a rank die at a chosen point, as real crashes do, so that recovery is tested against real kills.
 
     GPTDIST_FAULTS="kill-after-save@10"            SIGKILL every rank once step 10's checkpoint is complete
-    GPTDIST_FAULTS="kill-during-save@20:rank=1"    SIGKILL rank 1 after its shards of step 20 are written,
-                                                   before the manifest (a torn save)
+    GPTDIST_FAULTS="kill-during-write@20:rank=1"   SIGKILL rank 1 while its background write of step 20's
+                                                   checkpoint is under way (a torn save)
     GPTDIST_FAULTS="kill@7:rank=3"                 SIGKILL rank 3 right after step 7
     GPTDIST_FAULTS="nan-loss@5"                    the loss of optimizer step 5 becomes NaN (pp = 1)
 
@@ -17,7 +17,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from gptdist.errors import UserError
 
-KINDS = ("kill", "kill-after-save", "kill-during-save", "kill-during-write", "nan-loss")
+KINDS = ("kill", "kill-after-save", "kill-during-write", "nan-loss")
 _FORM = "KIND@STEP[:rank=R] items separated by commas, e.g. kill-after-save@10,kill@7:rank=1"
 
 

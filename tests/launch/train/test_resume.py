@@ -17,9 +17,9 @@ STEPS = 20
 TRAIN = {"steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8, "log_every": 5}
 
 
-def _recipe(tmp, corpus, tokenizer_path, run, tp, pp, zero):
-    return write_recipe(tmp / f"{run.name}.yaml", corpus, tokenizer_path, run, train=TRAIN,
-                        parallel={"tp": tp, "pp": pp, "zero_stage": zero}, checkpoint={"every": 10})
+def _recipe(tmp, corpus, tokenizer_path, run, tp, pp, zero, every=10, precision="auto"):
+    return write_recipe(tmp / f"{run.name}.yaml", corpus, tokenizer_path, run, train={**TRAIN, "precision": precision},
+                        parallel={"tp": tp, "pp": pp, "zero_stage": zero}, checkpoint={"every": every})
 
 
 def _whole_and_killed_then_resumed(whole_recipe, cut_recipe, ranks):
@@ -43,8 +43,8 @@ def runs_3d(tmp_path_factory, corpus, tokenizer_path):
     return whole, cut, resumed
 
 
-def _assert_bitwise_continuation(whole, cut, resumed):
-    assert "resumed from" in resumed.stderr and "step_00000010" in resumed.stderr
+def _assert_bitwise_continuation(whole, cut, resumed, from_step=10):
+    assert "resumed from" in resumed.stderr and f"step_{from_step:08d} at step {from_step}" in resumed.stderr
     rows, ok = compare(load_losses(whole), load_losses(cut), rtol=0.0)
     assert len(rows) == STEPS and ok, rows
     # metrics.jsonl holds each step once, although the killed run had logged steps past its checkpoint.
@@ -69,13 +69,20 @@ def test_exact_resume_3d_layout(runs_3d):
     _assert_bitwise_continuation(*runs_3d)
 
 
-@pytest.mark.parametrize("tp,pp,zero,ranks", [(1, 1, 1, 2), (1, 1, 3, 2), (2, 2, 1, 4)],
-                         ids=["dp2-zero1", "dp2-zero3", "tp2-pp2"])
-def test_exact_resume(tmp_path, corpus, tokenizer_path, tp, pp, zero, ranks):
+@pytest.mark.parametrize("tp,pp,zero,ranks,precision", [(1, 1, 1, 2, "auto"), (1, 1, 2, 2, "auto"),
+                                                         (1, 1, 3, 2, "auto"), (2, 2, 1, 4, "auto"),
+                                                         (1, 1, 1, 2, "bf16")],
+                         ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-pp2", "dp2-zero1-bf16"])
+def test_exact_resume(tmp_path, corpus, tokenizer_path, tp, pp, zero, ranks, precision):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    resumed = _whole_and_killed_then_resumed(_recipe(tmp_path, corpus, tokenizer_path, whole, tp, pp, zero),
-                                             _recipe(tmp_path, corpus, tokenizer_path, cut, tp, pp, zero), ranks)
+    recipes = [_recipe(tmp_path, corpus, tokenizer_path, run, tp, pp, zero, precision=precision)
+               for run in (whole, cut)]
+    resumed = _whole_and_killed_then_resumed(*recipes, ranks)
     _assert_bitwise_continuation(whole, cut, resumed)
+    if precision == "bf16":  # bf16 trains from fp32 master weights: the checkpoint holds those and fp32 moments
+        for path in (cut / "checkpoints" / "step_00000020" / "model").glob("*.safetensors"):
+            file = SafetensorsFile(path)
+            assert {str(file.read(k).dtype) for k in file.keys()} == {"torch.float32"}, path
 
 
 MOVES = [(1, 1, 2, 3), (1, 2, 1, 1), (2, 1, 1, 0)]
@@ -125,20 +132,21 @@ def test_resume_in_another_layout(tp, pp, dp, zero, runs_3d, moved):
 
 
 def test_kill_during_the_background_write_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_path):
-    """Rank 1 is killed while its files of step 20's checkpoint are being written in the background: step 20 never
-    becomes a checkpoint, `latest` stays at step 10, and the resume from there is bitwise the uninterrupted run."""
+    """Rank 1 is killed while its files of step 10's checkpoint are being written in the background and training
+    goes on (a save every 5 steps): step 10 never becomes a checkpoint, `latest` stays at step 5, and the resume from
+    there is bitwise the uninterrupted run."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     whole_recipe = _recipe(tmp_path, corpus, tokenizer_path, whole, 1, 1, 1)
-    cut_recipe = _recipe(tmp_path, corpus, tokenizer_path, cut, 1, 1, 1)
+    cut_recipe = _recipe(tmp_path, corpus, tokenizer_path, cut, 1, 1, 1, every=5)
     done, torn = launch_pair((whole_recipe, [], 2, None),
-                             (cut_recipe, [], 2, {"GPTDIST_FAULTS": "kill-during-write@20:rank=1"}))
+                             (cut_recipe, [], 2, {"GPTDIST_FAULTS": "kill-during-write@10:rank=1"}))
     assert_ok(done)
     assert torn.returncode != 0
-    assert not (cut / "checkpoints" / "step_00000020").exists()
-    assert (cut / "checkpoints" / "step_00000020.partial").is_dir()
-    assert (cut / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    assert not (cut / "checkpoints" / "step_00000010").exists()
+    assert (cut / "checkpoints" / "step_00000010.partial").is_dir()
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     resumed = launch(cut_recipe, ranks=2)
     assert_ok(resumed)
-    _assert_bitwise_continuation(whole, cut, resumed)
-    assert not (cut / "checkpoints" / "step_00000020.partial").exists()
+    _assert_bitwise_continuation(whole, cut, resumed, from_step=5)
+    assert not list((cut / "checkpoints").glob("*.partial"))
     assert (cut / "checkpoints" / "latest").read_text().strip() == "step_00000020"

@@ -85,15 +85,26 @@ def test_a_listed_file_of_a_name_gptdist_never_writes_is_refused(tmp_path):
         resume_candidates(folder.parent, lambda m: None)
 
 
-def test_prune_keeps_newest_complete_and_never_fewer_than_one(tmp_path):
+def test_prune_keeps_the_new_checkpoint_and_the_newest_before_it(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30, 40):
         _checkpoint(root, step)
     (root / "step_00000005").mkdir()  # an old interrupted save
     (root / "step_00000008.partial").mkdir()  # an old save that never reached its rename
-    (root / "step_00000050.partial").mkdir()  # the one being written: newer, kept
-    prune(root, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000030", "step_00000040", "step_00000050.partial"]
-    (root / "step_00000040" / MANIFEST).unlink()  # the newest is not complete after all
-    prune(root, keep=1)
-    assert (root / "step_00000030").is_dir()
+    (root / "step_00000050.partial").mkdir()  # a newer save killed before its rename (no save is in flight now)
+    prune(root, keep=2, saved=40)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000030", "step_00000040"]
+    prune(root, keep=1, saved=40)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000040"]
+
+
+def test_prune_never_costs_the_new_checkpoint_for_a_newer_damaged_one(tmp_path):
+    """The newest checkpoint (200) failed verification, so the run resumed from 100 and has just saved 110: with
+    keep=1 the new checkpoint stays, the older one goes, and the damaged newer one is neither counted nor removed."""
+    root = tmp_path / "checkpoints"
+    for step in (100, 110, 200):
+        _checkpoint(root, step)
+    prune(root, keep=1, saved=110)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000110", "step_00000200"]
+    prune(root, keep=3, saved=110)
+    assert (root / "step_00000110").is_dir()
