@@ -13,7 +13,7 @@
 A save blocks training only for a snapshot (checkpoint.async, the default): a copy of what this rank owns; a thread
 writes it, and the checkpoint counts once rank 0 has sealed it with its manifest. One save is in flight at a time.
 The state saved with the tensors is collected from the objects that own it (`keep_state_of`): the data feed's
-position, the telemetry's MLflow run; the checkpointer adds what it knows itself.
+position and tokenizer, the rank's layout, the telemetry's MLflow run; the checkpointer adds what it owns itself.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ from gptdist.config import config_changes
 FORMAT = 2
 
 
-def layout_record(layout) -> Dict[str, int]:
-    return {k: getattr(layout, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")}
-
-
 @dataclass
 class SaveRecord:
     """What one completed (or failed) save cost, for metrics.jsonl and MLflow."""
@@ -53,11 +49,10 @@ class SaveRecord:
 
 
 class Checkpointer:
-    def __init__(self, cfg, rank, candidates: List[Path], tokenizer_identity: str, log, drills) -> None:
+    def __init__(self, cfg, rank, candidates: List[Path], log, drills) -> None:
         """rank: engine.process.Rank; candidates: the checkpoints preflight found, newest first; log: rank-0
         messages (telemetry.log.RankZeroLog); drills: train.drills.FaultDrills."""
         self.cfg, self.rank, self.candidates, self.log, self.drills = cfg, rank, candidates, log, drills
-        self.tokenizer_identity = tokenizer_identity
         self.root = checkpoint_root(Path(cfg.run.dir))
         self.folder: Optional[Path] = None  # the checkpoint resumed from
         self.state: Dict[str, Any] = {}
@@ -174,10 +169,10 @@ class Checkpointer:
         return True
 
     def _state(self, step: int) -> Dict[str, Any]:
+        # What the checkpointer owns itself: the format, the step, the config it saves under and the optimizer's
+        # counters; the rest comes from its owners (the data position, tokenizer and layout, the MLflow run).
         state: Dict[str, Any] = {"format": FORMAT, "step": step, "config": self.cfg.to_dict(),
-                                 "config_digest": self.cfg.digest(), "tokenizer": self.tokenizer_identity,
-                                 "layout": layout_record(self.rank.layout),
-                                 "optimizer": engine_state.capture(self._engine)}
+                                 "config_digest": self.cfg.digest(), "optimizer": engine_state.capture(self._engine)}
         for owner in self._owners:
             state.update(owner.checkpoint_state())
         return state
@@ -297,4 +292,4 @@ def _cpu_group():
     return _GROUP
 
 
-__all__ = ["Checkpointer", "SaveRecord", "WriteResult", "layout_record"]
+__all__ = ["Checkpointer", "SaveRecord", "WriteResult"]

@@ -113,6 +113,10 @@ class Rank:
     def layout(self) -> Layout:
         return self.topology.layout
 
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint records of this rank's place: the layout it was written in (same_layout on resume)."""
+        return {"layout": self.layout.record()}
+
     @property
     def device(self):
         import torch

@@ -30,6 +30,10 @@ class Layout:
         """What tells two candidate layouts apart in `gptdist plan` (the batch size is shared by all of them)."""
         return (self.tp, self.pp, self.dp, self.zero_stage, self.micro_batch_size, self.activation_checkpointing)
 
+    def record(self) -> dict:
+        """What a checkpoint and the memory report write down of the layout (a resume compares it: same_layout)."""
+        return {k: getattr(self, k) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch_size", "grad_accum")}
+
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.dp

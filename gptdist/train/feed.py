@@ -43,8 +43,9 @@ class DataFeed:
     Ranks that read no data (the middle pipeline stages) have no loader; their `batches` is None. The position is
     the loader state after the newest micro-batch consumed: what a checkpoint records and a resume starts from."""
 
-    def __init__(self, cfg, rank, run_dir: Path, state: Optional[Dict[str, Any]]) -> None:
+    def __init__(self, cfg, rank, run_dir: Path, state: Optional[Dict[str, Any]], tokenizer_identity: str) -> None:
         self.position: Dict[str, Any] = state or {}
+        self.tokenizer_identity = tokenizer_identity  # the data position counts this tokenizer's tokens
         self._run_dir, self._rank = run_dir, rank.world.rank
         self._loader = None
         self.batches: Optional[Iterator] = None
@@ -69,7 +70,7 @@ class DataFeed:
             yield batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
 
     def checkpoint_state(self) -> Dict[str, Any]:
-        return {"data_state": self.position}
+        return {"data_state": self.position, "tokenizer": self.tokenizer_identity}
 
     def close(self) -> None:
         """Stop the loader's workers and write RUN_DIR/data/rank_<r>.json: what this rank tokenized, read, reused."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from gptdist.checkpoint.checkpointer import Checkpointer, layout_record
+from gptdist.checkpoint.checkpointer import Checkpointer
 from gptdist.config import RunConfig
 from gptdist.engine.build import build_training_engine
 from gptdist.engine.process import Rank, discover_world, start_rank
@@ -86,12 +86,12 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
         cfg.tracking.enabled = False
     rank = start_rank(cfg, world, checked.layout)
     drills = FaultDrills(world.rank)
-    checkpointer = Checkpointer(cfg, rank, checked.candidates, checked.tokenizer.identity, log, drills)
+    checkpointer = Checkpointer(cfg, rank, checked.candidates, log, drills)
     checkpointer.open()
     job_peak = job_peak_flops(cfg.train.peak_flops, rank.device_type, rank.precision, world.size, world.local_size,
                               world.is_main)
     memory = MemoryReport(cfg.profile.memory, cfg.profile.memory_step, Path(cfg.run.dir), rank,
-                          layout_record(rank.layout))
+                          rank.layout.record())
     memory.start()
     engine, step_fn, param_names = build_training_engine(cfg, rank, checkpointer.weights, drills)
     memory.watch(engine)
@@ -104,9 +104,9 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     telemetry = Telemetry.open(cfg, rank, memory=memory, profiler=profiler, job_peak=job_peak,
                                resumed=checkpointer.state, start_step=checkpointer.start_step,
                                needs_dp_mean=step_fn.needs_dp_mean, log=log, resumed_from=checkpointer.folder)
-    feed = DataFeed(cfg, rank, Path(cfg.run.dir), checkpointer.state.get("data_state"))
+    feed = DataFeed(cfg, rank, Path(cfg.run.dir), checkpointer.state.get("data_state"), checked.tokenizer.identity)
     validator = Validator(cfg, rank, checked.tokenizer, log) if cfg.eval.enabled else NoValidation()
-    checkpointer.keep_state_of(feed, telemetry)
+    checkpointer.keep_state_of(feed, rank, telemetry)
     checkpointer.on_record = telemetry.record_checkpoint
     memory.host_buffers["checkpoint_snapshot"] = lambda: checkpointer.snapshot_bytes
     telemetry.times = StepTimes(lambda: feed.wait_s, checkpointer.start_step)
