@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from gptdist.telemetry.metrics_file import read_metrics
-from gptdist.train.run_lock import LOCK_FILE
+from gptdist.train.run_lock import LEASE_S, LOCK_FILE
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, train_single, write_recipe
 
 
@@ -19,24 +20,36 @@ def _losses(run):
 
 
 def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_path, corpus, tokenizer_path):
+    """The first job is paused (SIGSTOP to its whole process group) once it trains, so that it holds run.dir while
+    the second one tries, however fast or slow the machine; it is resumed afterwards and must finish unharmed."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 150, "log_every": 5},
-                          checkpoint={"every": 50})
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 60, "log_every": 5},
+                          checkpoint={"every": 20})
     env = cpu_env({"GPUS_PER_NODE": "2"})
     first = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
-        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before the second started"
-        time.sleep(0.2)
-    holder = json.loads((run / LOCK_FILE).read_text())
-    for second in (launch(recipe, ranks=2), train_single(recipe)):  # the launch script's check, and a rank itself
-        assert second.returncode == 2, second.stderr[-3000:]
-        line = [x for x in second.stderr.splitlines() if x.startswith("gptdist:")]
-        assert len(line) == 1 and "is in use by" in line[0] and f"pid {holder['pid']}" in line[0], second.stderr[-2000:]
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it trained"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGSTOP)
+        holder = json.loads((run / LOCK_FILE).read_text())
+        seconds = []
+        for attempt in (lambda: launch(recipe, ranks=2), lambda: train_single(recipe)):  # the script's check, a rank
+            start = time.monotonic()
+            second = attempt()
+            seconds.append(time.monotonic() - start)
+            assert second.returncode == 2, second.stderr[-3000:]
+            line = [x for x in second.stderr.splitlines() if x.startswith("gptdist:")]
+            assert len(line) == 1 and "is in use by" in line[0] and f"pid {holder['pid']}" in line[0], \
+                second.stderr[-2000:]
+        assert sum(seconds) < LEASE_S / 2  # the paused holder's lease never lapsed while the second job tried
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
-    assert (run / "run_complete.json").is_file() and _losses(run) == list(range(1, 151))
+    assert (run / "run_complete.json").is_file() and _losses(run) == list(range(1, 61))
     assert not (run / LOCK_FILE).exists()
 
 
