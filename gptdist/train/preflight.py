@@ -75,7 +75,7 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     parse_drills(os.environ.get("GPTDIST_FAULTS", ""))
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
     if metrics.is_file():
-        read_metrics(metrics)  # a damaged line other than a torn last one is refused now, not after the ranks start
+        read_metrics(metrics)  # an edited line (JSON, not a record) is refused now, not after the ranks start
     lock = RunLock(Path(cfg.run.dir))
     if take_lock:
         lock.acquire(report)
