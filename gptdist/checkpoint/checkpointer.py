@@ -58,6 +58,9 @@ class Checkpointer:
         self.state: Dict[str, Any] = {}
         self.weights: Optional[LayoutFreeReader] = None
         self.on_record: Callable[[SaveRecord], None] = lambda record: None
+        # Why run.dir is no longer this run's to write (its lock was taken over), or None; asked on rank 0 before a
+        # save starts and before one is sealed (the sealing prunes): set by train/run.py from run.dir's lock.
+        self.disowned: Callable[[], Optional[str]] = lambda: None
         self.failures = 0  # consecutive saves that did not complete
         self.last: Optional[SaveRecord] = None
         self._owners: List[Any] = []
@@ -143,7 +146,7 @@ class Checkpointer:
         self._finish()  # one save in flight at a time
         start = time.perf_counter()
         world = self.rank.world
-        problem = storage_problem(self.root, world.rank)
+        problem = (self.disowned() if world.is_main else None) or storage_problem(self.root, world.rank)
         if _any_rank(bool(problem)):
             self._failed(SaveRecord(step, False, 0.0, 0.0, 0,
                                     problem or "another rank cannot write its part of the checkpoint"))
@@ -197,7 +200,7 @@ class Checkpointer:
         step = write.snapshot.step
         problem = None
         if self.rank.world.is_main:
-            problem = commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
+            problem = self.disowned() or commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
                              self.cfg.checkpoint.keep)
         problem = _from_main(problem, self.rank.world.size)
         seal = time.perf_counter() - seal_start  # rank 0's: the seal's time, which the other ranks waited for

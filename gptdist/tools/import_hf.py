@@ -55,6 +55,14 @@ def read_hf_config(hf_dir: Path):
     return GPT2Config.from_dict(raw)
 
 
+def pickle_loading_is_safe(torch_version: str) -> bool:
+    """torch.load(weights_only=True) refuses code only from torch 2.6 on (CVE-2025-32434 in <= 2.5.1)."""
+    import re
+
+    found = re.match(r"(\d+)\.(\d+)", torch_version)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= (2, 6)
+
+
 def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
     """The state dict from model.safetensors, pytorch_model.bin, or their sharded *.index.json forms."""
     import torch
@@ -66,6 +74,10 @@ def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
             # gptdist's reader: the header is checked against the file's size before any tensor is allocated.
             file = SafetensorsFile(path)
             return {name: file.read(name) for name in file.keys()}
+        if not pickle_loading_is_safe(torch.__version__):
+            raise UserError(f"{path}: a .bin file is a pickle, and torch {torch.__version__} can run code from one "
+                            "even with weights_only=True (CVE-2025-32434); use the model's model.safetensors, or "
+                            "install torch>=2.6")
         try:  # weights_only: a .bin is a pickle, and a downloaded pickle must not run code
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not plain tensors

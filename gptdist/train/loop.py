@@ -13,7 +13,8 @@ from gptdist.train.run import Run, build_run
 
 
 def train(cfg: RunConfig) -> int:
-    """The exit status of this rank: 0 finished or stopped (resumable), 3 too many bad steps, 4 not saved."""
+    """The exit status of this rank: 0 finished or stopped (resumable), 3 too many bad steps, 4 not saved, 5 run.dir
+    taken over by another job."""
     run = build_run(cfg)
     try:
         ending = run_steps(run)
@@ -43,11 +44,13 @@ def run_steps(run: Run) -> Outcome:
             times.lap("validation")
         saved = checkpointer.after_step(step, last)  # a save when due; one in flight completed when written
         times.lap("checkpoint")
+        stopping = stop.agreed(run.engine.device)  # the last step too: run.dir's lock may have been lost
+        times.lap("stop")
+        if stop.lost:  # another job holds run.dir now: the checkpointer saved and pruned nothing there
+            return outcome.lock_lost(step, stop.disowned() or "run.dir's lock was taken over by another job")
         if checkpointer.gave_up:
             return outcome.saves_failed(step, checkpointer.failures, run.cfg.checkpoint.max_failed_saves, run.run_dir)
-        stopping = not last and stop.agreed(run.engine.device)
-        times.lap("stop")
-        if stopping:
+        if stopping and not last:
             if not saved:
                 checkpointer.save(step)
             return outcome.stopped(step, stop.name or "a signal to another rank")

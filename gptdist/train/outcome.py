@@ -9,6 +9,8 @@
                 checkpoint.max_failed_saves saves failed in a row: not_saved.json instead of a completion record,
                 FAILED, exit 4, so that a scheduler runs the job again (it resumes from the newest complete checkpoint;
                 slurm/train.sbatch requeues itself)
+    lock lost   run.dir's lock was taken over by another job (this one was stopped past its lease): nothing saved or
+                pruned there, no record, FAILED, exit 5 (not requeued: the directory is the other job's now)
 
 Every rank runs the teardown: the loader's workers, the checkpoint writer, the memory report and the profiler
 close on every rank; rank 0 closes metrics.jsonl, writes the record and ends the MLflow run; all ranks leave
@@ -28,18 +30,18 @@ NOT_SAVED_FILE = "not_saved.json"  # slurm/train.sbatch requeues a job that leav
 
 @dataclass
 class Outcome:
-    kind: str  # "finished" | "stopped" | "bad steps"
+    kind: str  # "finished" | "stopped" | "bad steps" | "not saved" | "lock lost"
     step: int
     message: str
     signal: str = ""
 
     @property
     def failed(self) -> bool:
-        return self.kind in ("bad steps", "not saved")
+        return self.kind in ("bad steps", "not saved", "lock lost")
 
     @property
     def exit_code(self) -> int:
-        return {"bad steps": 3, "not saved": 4}.get(self.kind, 0)
+        return {"bad steps": 3, "not saved": 4, "lock lost": 5}.get(self.kind, 0)
 
     @property
     def mlflow_status(self) -> str:
@@ -81,6 +83,10 @@ def saves_failed(step: int, failures: int, limit: int, run_dir: Path) -> Outcome
     return Outcome("not saved", step, f"stopping at step {step}: {failures} checkpoints in a row could not be saved "
                    f"(checkpoint.max_failed_saves={limit}); the newest complete one is in {run_dir / 'checkpoints'}. "
                    "Free space or fix run.dir, then run again: it resumes from there")
+
+
+def lock_lost(step: int, why: str) -> Outcome:
+    return Outcome("lock lost", step, f"stopping at step {step}: {why}")
 
 
 def unsaved(ending: Outcome, problem: str, run_dir: Path) -> Outcome:

@@ -9,6 +9,7 @@
     tracking: the server can be reached (http URIs)                        -> telemetry/tracking.py
     the fault drills asked for in GPTDIST_FAULTS                           -> train/drills.py
     run.dir: no other live job holds it (rank 0 of `train` then takes it)  -> train/run_lock.py
+    (rank 0 of `train`, holding it: an earlier attempt's records cleared)  -> train/outcome.py
 
 Each refusal is a UserError: one line, exit status 2, nothing written.
 """
@@ -27,6 +28,7 @@ from gptdist.errors import UserError
 from gptdist.parallel.layout import Layout
 from gptdist.telemetry.metrics_file import read_metrics
 from gptdist.train.drills import parse_drills
+from gptdist.train.outcome import clear_records
 from gptdist.train.run_lock import RunLock
 
 
@@ -73,10 +75,13 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     parse_drills(os.environ.get("GPTDIST_FAULTS", ""))
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
     if metrics.is_file():
-        read_metrics(metrics)  # a damaged line other than a torn last one is refused now, not after the ranks start
+        read_metrics(metrics)  # an edited line (JSON, not a record) is refused now, not after the ranks start
     lock = RunLock(Path(cfg.run.dir))
     if take_lock:
         lock.acquire(report)
+        # The records of an earlier attempt no longer describe this run: gone before anything can fail, so that a
+        # crash while the run starts is not read (slurm/train.sbatch) as the earlier attempt's completion.
+        clear_records(Path(cfg.run.dir))
     else:
         lock.check()
     return Preflight(layout, tokenizer, candidates, warning, lock)

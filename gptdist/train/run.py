@@ -28,7 +28,6 @@ from gptdist.telemetry.peak import job_peak_flops
 from gptdist.telemetry.profiling import RunProfiler
 from gptdist.telemetry.step_times import StepTimes
 from gptdist.telemetry.telemetry import Telemetry
-from gptdist.train import outcome
 from gptdist.train.drills import FaultDrills
 from gptdist.train.feed import DataFeed
 from gptdist.train.preflight import preflight
@@ -87,6 +86,7 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     rank = start_rank(cfg, world, checked.layout)
     drills = FaultDrills(world.rank)
     checkpointer = Checkpointer(cfg, rank, checked.candidates, log, drills)
+    checkpointer.disowned = lambda: checked.lock.lost  # nothing saved or pruned once another job holds run.dir
     checkpointer.open()
     job_peak = job_peak_flops(cfg.train.peak_flops, rank.device_type, rank.precision, world.size, world.local_size,
                               world.is_main)
@@ -99,8 +99,6 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     profiler.attach(engine)
     seed_rank(cfg.train.seed, rank.topology.dp_rank, rank.topology.pp_rank, checkpointer.fresh_streams_from)
     checkpointer.restore(engine, param_names)
-    if world.is_main:
-        outcome.clear_records(Path(cfg.run.dir))
     telemetry = Telemetry.open(cfg, rank, memory=memory, profiler=profiler, job_peak=job_peak,
                                resumed=checkpointer.state, start_step=checkpointer.start_step,
                                needs_dp_mean=step_fn.needs_dp_mean, log=log, resumed_from=checkpointer.folder)
@@ -112,4 +110,4 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     telemetry.times = StepTimes(lambda: feed.wait_s, checkpointer.start_step)
     engine.train()
     return Run(cfg, rank, engine, Stepper(engine, step_fn, feed.batches, drills), feed, telemetry, validator,
-               checkpointer, StopRequest(world.size), checked.lock, telemetry.times)
+               checkpointer, StopRequest(world.size, lambda: checked.lock.lost), checked.lock, telemetry.times)

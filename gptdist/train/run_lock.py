@@ -7,6 +7,15 @@ with one line naming the holder. A lock whose holder is gone is taken over with 
 its process no longer exists (or is another process with the same id), on any host when its lease has expired.
 A requeued Slurm job (the same job id) takes its own lock back at once.
 
+Taking the lock is atomic: the record is written to a file of its own and hard-linked to the lock's name, which fails
+where the name exists, so of two jobs starting together exactly one holds it. A stale lock is first renamed aside (one
+taker succeeds); the taker keeps going only if what it moved is what it judged stale, and every taker re-reads the lock
+after linking to confirm it holds it. Each record carries a random token, so "is this still mine" is an exact test.
+
+A holder whose renewal finds another job's record in the lock (this process was stopped past its lease and the lock
+was taken over) records that it lost it (`lost`): the checkpointer then neither saves nor prunes, and the run stops at
+its next step with one line naming the new holder.
+
 Only rank 0 takes the lock; the launcher stops the other ranks when rank 0 exits. `gptdist check` reads it and
 refuses the same way, so the launch scripts stop before starting any rank.
 """
@@ -18,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
@@ -34,8 +44,16 @@ def job_identity(env: Mapping[str, str]) -> str:
     if env.get("SLURM_JOB_ID"):
         return f"slurm job {env['SLURM_JOB_ID']}"
     if env.get("MASTER_PORT") and env.get("WORLD_SIZE", "1") != "1":
-        return f"launch at {env.get('MASTER_ADDR', '127.0.0.1')}:{env['MASTER_PORT']}"
+        addr = env.get("MASTER_ADDR") or "127.0.0.1"
+        if _loopback(addr):  # a single-node launch: the same port on another host is another job
+            return f"launch at {addr}:{env['MASTER_PORT']} on {socket.gethostname()}"
+        return f"launch at {addr}:{env['MASTER_PORT']}"
     return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+def _loopback(addr: str) -> bool:
+    addr = addr.strip().strip("[]").lower()
+    return addr in ("localhost", "::1", "0:0:0:0:0:0:0:1") or addr.startswith("127.") or addr.endswith(".localhost")
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -55,15 +73,29 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.job = job_identity(os.environ if env is None else env)
         self.mine: Optional[Dict] = None
+        self.lost_to: Optional[Dict] = None  # the record of the job that took the lock over while this one held it
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def _raw(self) -> Optional[bytes]:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _parse(raw: Optional[bytes]) -> Optional[Dict]:
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None  # a torn lock (its writer died mid-write): nobody holds it
+        return data if isinstance(data, dict) else None
+
     def holder(self) -> Optional[Dict]:
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # no lock, or a torn one (its writer died mid-write): nobody holds it
-        return data if isinstance(data, dict) else None
+            return self._parse(self._raw())
+        except OSError:
+            return None
 
     def stale_because(self, holder: Dict) -> Optional[str]:
         """Why the holder no longer holds the run directory, or None while it does."""
@@ -78,14 +110,16 @@ class RunLock:
             return "its lease expired"
         return None
 
-    def check(self) -> None:
-        """Refuse (one line) while another live job holds the run directory."""
-        holder = self.holder()
+    def _refuse_if_live(self, holder: Optional[Dict]) -> None:
         if holder is not None and self.stale_because(holder) is None:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
             raise UserError(f"run.dir={self.path.parent} is in use by {holder.get('job')} (host {holder.get('host')}, "
                             f"pid {holder.get('pid')}, since {since}); wait for it or stop it, or choose another "
                             f"run.dir (if that job is gone for good, remove {self.path})")
+
+    def check(self) -> None:
+        """Refuse (one line) while another live job holds the run directory."""
+        self._refuse_if_live(self.holder())
 
     def acquire(self, warn: Callable[[str], None]) -> None:
         """Rank 0, at the end of preflight: take the lock (or refuse), then keep its lease renewed."""
@@ -96,33 +130,106 @@ class RunLock:
                  f"{holder.get('pid')}): {self.stale_because(holder)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.mine = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
-                     "started": _start_time(os.getpid()), "since": time.time()}
-        self._write()
+                     "started": _start_time(os.getpid()), "since": time.time(), "token": uuid.uuid4().hex}
+        try:
+            self._take()
+        except BaseException:
+            self.mine = None
+            raise
         self._thread = threading.Thread(target=self._renew, name="gptdist-run-lock", daemon=True)
         self._thread.start()
 
-    def _write(self) -> None:
+    def _take(self, attempts: int = 50) -> None:
+        """Link a record of this job to the lock's name (which fails where it exists); a stale lock found there is
+        renamed aside first. Confirmed by reading the lock back."""
+        tmp = self._record_file()
+        try:
+            for _ in range(attempts):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    raw = self._raw()
+                    if raw is None:
+                        continue  # moved aside meanwhile: try again
+                    self._refuse_if_live(self._parse(raw))
+                    self._move_aside(raw)
+                    continue
+                if self._holds():
+                    return
+                self._refuse_if_live(self.holder())  # another taker's record replaced this one
+            raise UserError(f"could not take {self.path}: other jobs keep taking it; start one job per run.dir")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _move_aside(self, stale: bytes) -> None:
+        """Rename the lock away (one of several takers succeeds) and drop it, unless what was moved is not the stale
+        record judged (another taker's fresh one): that is put back."""
+        aside = self.path.with_name(f"{LOCK_FILE}.{uuid.uuid4().hex}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another taker moved it first
+        try:
+            if aside.read_bytes() != stale:
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass  # a third taker linked its own: the displaced one finds out when it confirms
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _record_file(self) -> Path:
         record = dict(self.mine, lease_until=time.time() + LEASE_S)
-        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        return tmp
+
+    def _holds(self) -> bool:
+        holder = self.holder()
+        return holder is not None and self.mine is not None and holder.get("token") == self.mine["token"]
 
     def _renew(self) -> None:
-        while not self._stop.wait(RENEW_S):
+        while self.lost_to is None and not self._stop.wait(RENEW_S):
+            self.renew()
+
+    def renew(self) -> None:
+        """Extend the lease (the renewal thread, every RENEW_S). Finding another job's record instead of this one's
+        (this process was stopped past its lease and the lock taken over) marks the lock lost."""
+        if self.mine is None or self.lost_to is not None:
+            return
+        try:
             holder = self.holder()
-            if holder is None or holder.get("job") != self.job or holder.get("pid") != os.getpid():
-                return  # taken over (this process was stopped past its lease): the other job owns it now
-            try:
-                self._write()
-            except OSError:
-                pass  # a full disk: the lease lapses only if this goes on for LEASE_S
+            if holder is None:  # removed by hand: take it back, unless another job got there first
+                tmp = self._record_file()
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink(missing_ok=True)
+                holder = self.holder()
+            if holder is None or holder.get("token") != self.mine["token"]:
+                self.lost_to = holder or {"job": "an unreadable lock"}
+                return
+            os.replace(self._record_file(), self.path)
+        except OSError:
+            pass  # a full disk: the lease lapses only if this goes on for LEASE_S
+
+    @property
+    def lost(self) -> Optional[str]:
+        """One line naming the job that took this run directory over, once that has happened; else None."""
+        if self.lost_to is None:
+            return None
+        h = self.lost_to
+        return (f"run.dir={self.path.parent} was taken over by {h.get('job')} (host {h.get('host')}, pid "
+                f"{h.get('pid')}) after this job's lease on {self.path} lapsed; this job stops without saving or "
+                "pruning there")
 
     def release(self) -> None:
         """Safe to call more than once, and on ranks that never took it."""
         self._stop.set()
         if self.mine is None:
             return
-        holder = self.holder()
-        if holder is not None and holder.get("job") == self.job and holder.get("pid") == os.getpid():
+        if self._holds():
             self.path.unlink(missing_ok=True)
         self.mine = None

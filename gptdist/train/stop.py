@@ -10,7 +10,7 @@ there. A second SIGINT aborts at once (Ctrl-C twice).
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,9 +18,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self, world_size: int = 2) -> None:
+    def __init__(self, world_size: int = 2, disowned: Callable[[], Optional[str]] = lambda: None) -> None:
+        """disowned: on rank 0, why run.dir is no longer this run's (its lock was taken over), or None."""
         self.world_size = world_size
         self.received: Optional[int] = None
+        self.disowned = disowned
+        self.lost = False  # agreed by every rank: run.dir's lock was taken over, the run must stop without saving
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -34,9 +37,11 @@ class StopRequest:
         return signal.Signals(self.received).name if self.received else ""
 
     def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank if any rank received a stop signal."""
-        if self.world_size == 1:  # nobody to agree with: no collective, no host sync
-            return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        """Collective: True on every rank if any rank received a stop signal or lost run.dir's lock (then `lost`)."""
+        code = 2.0 if self.disowned() else 1.0 if self.received else 0.0
+        if self.world_size > 1:  # else nobody to agree with: no collective, no host sync
+            flag = torch.tensor([code], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            code = flag.item()
+        self.lost = code >= 2.0
+        return code > 0.0

@@ -89,6 +89,23 @@ def test_import_reads_pytorch_model_bin(hf_model, hf_dir, recipe, tmp_path):
     assert torch.equal(ours["embed.wte.weight"], theirs["transformer.wte.weight"])
 
 
+def test_import_refuses_a_pickle_where_torch_is_older_than_2_6(hf_model, hf_dir, recipe, tmp_path, capsys,
+                                                                monkeypatch):
+    """CVE-2025-32434: torch <= 2.5.1 runs code from a pickle despite weights_only=True."""
+    from gptdist.tools.import_hf import pickle_loading_is_safe
+
+    assert not pickle_loading_is_safe("2.5.1+cu124") and not pickle_loading_is_safe("2.4.0")
+    assert pickle_loading_is_safe("2.6.0") and pickle_loading_is_safe("2.10.1+cpu")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(hf_dir / "config.json", bin_dir)
+    torch.save(hf_model.state_dict(), bin_dir / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    line = user_error(capsys, "import-hf", bin_dir, "--out", tmp_path / "run", "--config", recipe)
+    assert "CVE-2025-32434" in line and "model.safetensors" in line and "torch>=2.6" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_export_refuses_what_gpt2_cannot_express(imported, tmp_path, capsys):
     ckpt = tmp_path / STEP0
     shutil.copytree(imported / "checkpoints" / STEP0, ckpt)
