@@ -141,7 +141,7 @@ def test_a_lapsed_lease_taken_over_is_lost_and_the_checkpointer_neither_saves_no
     cfg = SimpleNamespace(run=SimpleNamespace(dir=str(tmp_path)),
                           checkpoint=SimpleNamespace(max_failed_saves=3, keep=1))
     world = SimpleNamespace(size=1, rank=0, is_main=True)
-    ckpt = Checkpointer(cfg, SimpleNamespace(world=world, layout=SimpleNamespace(tp=1)), [], "tok",
+    ckpt = Checkpointer(cfg, SimpleNamespace(world=world, layout=SimpleNamespace(tp=1)), [],
                         SimpleNamespace(error=errors.append, warn=errors.append, info=lambda m: None), None)
     ckpt.disowned = lambda: first.lost
     monkeypatch.setattr(module, "commit", lambda *a, **k: pytest.fail("sealed (and pruned) a run.dir not ours"))
