@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from gptdist.bench.comms import comms_table, pipeline_table, throughput_table
+from gptdist.config import load_config
 from gptdist.errors import UserError
 from gptdist.launchers.child import run_group
 from gptdist.machine import usable_cores
+from gptdist.model import count_parameters
 from gptdist.telemetry.profiling import read_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,10 +148,6 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
 
 
 def run_bench_parallel(args: argparse.Namespace) -> int:
-    from gptdist.bench.comms import comms_table, pipeline_table, throughput_table
-    from gptdist.config import load_config
-    from gptdist.model import count_parameters
-
     if not (ROOT / "launch" / "train.sh").exists():
         raise UserError("bench parallel needs a source checkout of gptdist (it runs launch/train.sh)")
     if args.steps < 3 or args.repeats < 1:

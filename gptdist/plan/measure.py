@@ -112,6 +112,7 @@ def run_layout(config: str, overrides: Sequence[str], ranks: int, run_dir: Path,
         watcher.stop()
     out.vm_hwm = dict(watcher.hwm)
     out.io = dict(watcher.io)
+    # torch: only after a measured run; `gptdist plan` starts without it
     from gptdist.telemetry.memory import read_reports
 
     if (run_dir / "memory").is_dir():

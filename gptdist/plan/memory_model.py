@@ -218,6 +218,7 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
 
 
 def chunk_rows_for(cfg: GPTConfig) -> int:
+    # torch: model.head imports torch; `gptdist plan` predicts without it
     from gptdist.model.head import default_chunk_rows
 
     return default_chunk_rows(cfg.vocab_size)

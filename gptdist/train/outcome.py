@@ -93,6 +93,7 @@ def unsaved(ending: Outcome, problem: str, run_dir: Path) -> Outcome:
 
 def tear_down(ending: Outcome, run) -> int:
     """Every rank, whatever the outcome (run: train.run.Run). Returns the exit status."""
+    # torch: only at teardown; this module imports without it
     import torch.distributed as dist
 
     run.feed.close()
