@@ -109,7 +109,8 @@ class CheckpointConfig(_Section):
 
 
 class ProfileConfig(_Section):
-    memory: bool = Field(True, description="per-rank memory report in RUN_DIR/memory/rank_<r>.json (train/memory.py)")
+    memory: bool = Field(True, description="per-rank memory report in RUN_DIR/memory/rank_<r>.json "
+                                           "(telemetry/memory.py)")
     memory_step: int = Field(2, ge=1, description="the optimizer step whose model states (and, on CPU, traced peak of "
                                                   "live tensor bytes) the memory report records")
     comms: bool = Field(False, description="DeepSpeed's comms logger: collectives per rank in RUN_DIR/profile/")

@@ -7,7 +7,7 @@ per-step values in metrics.jsonl after the first steps (start-up, allocator and 
 
 Then, at dp=2 with one micro-batch per step (so that one step is one gradient reduction, as in the ZeRO paper),
 ZeRO 1/2/3 runs with DeepSpeed's comms logger (profile.comms=true), whose per-rank records the run writes to
-RUN_DIR/profile/ (train/profiling.py), compared with the paper's volumes (comms.py). Pipeline layouts run with
+RUN_DIR/profile/ (telemetry/profiling.py), compared with the paper's volumes (comms.py). Pipeline layouts run with
 profile.pipeline=true, which times every instruction of the schedule. gptdist's ZeRO-1/2 reduce each gradient slice
 to its owner (use_multi_rank_bucket_allreduce off, ds_config.py); the "allreduce" layouts put DeepSpeed's own
 default back (every bucket all-reduced) to keep the comparison in the table.

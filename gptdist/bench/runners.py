@@ -156,7 +156,8 @@ class CeilingRunner:
 
 
 def _same_gpu_settings(dev: str) -> None:
-    """What runtime.prepare_process sets on a GPU rank (TF32 for fp32 matmuls), so the plain rows get it too."""
+    """What prepare_process (engine/process.py) sets on a GPU rank (TF32 for fp32 matmuls), so the plain rows get it
+    too."""
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

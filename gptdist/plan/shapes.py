@@ -1,7 +1,7 @@
 """The parameters each rank of a layout holds, from the model's shapes alone: no process group, no memory.
 
 The GPT is built on the meta device and given the real tensor-parallel plan with a stand-in group of the layout's
-size (parallel/tp_comm.ShapeGroup), so every shard has exactly the shape training gives it; blocks are assigned to
+size (parallel/tp/comm.py's ShapeGroup), so every shard has exactly the shape training gives it; blocks are assigned to
 pipeline stages by DeepSpeed's own partitioning function with the weights gptdist's PipelineModule uses. The
 planner's model-state arithmetic starts from these lists.
 """

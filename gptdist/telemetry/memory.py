@@ -117,7 +117,7 @@ def total(by_kind: Dict[str, Dict[str, int]]) -> int:
 
 
 class PhaseTracker:
-    """Live tensor bytes at marks, and the peak of each phase between two marks (train/live_bytes.py counts)."""
+    """Live tensor bytes at marks, and the peak of each phase between two marks (telemetry/live_bytes.py counts)."""
 
     def __init__(self, live: LiveBytes) -> None:
         self.live = live

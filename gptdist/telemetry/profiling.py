@@ -7,7 +7,7 @@
                            stage's idle (bubble) fraction
 
 `gptdist bench parallel` and `gptdist plan --measure` switch these on with overrides, so benchmarks, the planner and
-training all measure through the same code. The memory report (train/memory.py) is on by default.
+training all measure through the same code. The memory report (telemetry/memory.py) is on by default.
 """
 
 from __future__ import annotations
