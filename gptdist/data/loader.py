@@ -189,7 +189,7 @@ class BlockReader:
 
     def __next__(self) -> TokBlock:
         c = self.next
-        self.producer.at(c)
+        self.producer.reader_reached(c)
         delay, waited = 0.001, 0.0
         while True:
             tokens, meta, problem = self.cache.get_block(c)

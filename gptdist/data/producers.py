@@ -143,7 +143,8 @@ class ThreadProducer:
         self._thread = threading.Thread(target=run, name="gptdist-tokenize", daemon=True)
         self._thread.start()
 
-    def at(self, block: int) -> None:
+    def reader_reached(self, block: int) -> None:
+        """The rank's reader waits for `block` now: the producers tokenize up to `lookahead` blocks past it."""
         self.position = block
 
     def check(self) -> None:
@@ -213,7 +214,8 @@ class ProcessProducers:
             p.start()
             self._procs.append(p)
 
-    def at(self, block: int) -> None:
+    def reader_reached(self, block: int) -> None:
+        """The rank's reader waits for `block` now: the producers tokenize up to `lookahead` blocks past it."""
         self.position.value = block
 
     def check(self) -> None:

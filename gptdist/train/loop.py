@@ -16,12 +16,12 @@ def train(cfg: RunConfig) -> int:
     """The exit status of this rank: 0 finished or stopped (resumable), 3 too many bad steps, 4 not saved."""
     run = build_run(cfg)
     try:
-        ending = run_steps(run)
+        result = run_steps(run)
     except BaseException:
         run.checkpointer.abandon()  # no collective is possible now: say what the save in flight will not be
         run.lock.release()
         raise
-    return outcome.tear_down(ending, run)
+    return outcome.tear_down(result, run)
 
 
 def run_steps(run: Run) -> Outcome:
