@@ -18,6 +18,11 @@ import argparse
 import sys
 from typing import List, Optional
 
+from gptdist.commands.bench import register_bench_commands
+from gptdist.commands.data import register_bench_data, register_data_commands
+from gptdist.commands.plan import register_plan_command
+from gptdist.commands.tools import register_compare_command, register_tool_commands
+from gptdist.commands.train import register_train_commands
 from gptdist.errors import UserError
 
 
@@ -28,33 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from gptdist.commands.train import register_train_commands
-
     register_train_commands(sub)
-
-    from gptdist.commands.tools import register_compare_command
-
     register_compare_command(sub)
-
-    from gptdist.commands.tools import register_tool_commands
-
     register_tool_commands(sub)
-
-    from gptdist.commands.data import register_data_commands
-
     register_data_commands(sub)
-
-    from gptdist.commands.plan import register_plan_command
-
     register_plan_command(sub)
-
     bench = sub.add_parser("bench", help="benchmarks: print a table measured in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    from gptdist.commands.data import register_bench_data
-
     register_bench_data(bench_sub)
-    from gptdist.commands.bench import register_bench_commands
-
     register_bench_commands(bench_sub)
     return parser
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from urllib.parse import unquote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,7 +109,8 @@ class CheckpointConfig(_Section):
 
 
 class ProfileConfig(_Section):
-    memory: bool = Field(True, description="per-rank memory report in RUN_DIR/memory/rank_<r>.json (train/memory.py)")
+    memory: bool = Field(True, description="per-rank memory report in RUN_DIR/memory/rank_<r>.json "
+                                           "(telemetry/memory.py)")
     memory_step: int = Field(2, ge=1, description="the optimizer step whose model states (and, on CPU, traced peak of "
                                                   "live tensor bytes) the memory report records")
     comms: bool = Field(False, description="DeepSpeed's comms logger: collectives per rank in RUN_DIR/profile/")
@@ -208,8 +211,6 @@ _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/
 def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
     """'http://alice:pw@host:5000' -> ('http://host:5000', {MLFLOW_TRACKING_USERNAME: alice, ..._PASSWORD: pw});
     'https://TOKEN@host' -> ('https://host', {MLFLOW_TRACKING_TOKEN: TOKEN}); a URI without credentials unchanged."""
-    from urllib.parse import unquote
-
     match = _USERINFO.match(uri)
     if match is None:
         return uri, {}
@@ -224,8 +225,6 @@ def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
 def lift_credentials(cfg: RunConfig, env: Optional[Dict[str, str]] = None) -> None:
     """Moves credentials out of tracking.uri and $MLFLOW_TRACKING_URI into this process's environment (where
     MLflow's client reads them, and where the ranks a launcher starts inherit them)."""
-    import os
-
     env = os.environ if env is None else env  # type: ignore[assignment]
     if env.get("MLFLOW_TRACKING_URI"):
         bare, found = split_credentials(env["MLFLOW_TRACKING_URI"])

@@ -19,9 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from gptdist.config import load_config
 from gptdist.errors import UserError
 from gptdist.launchers.child import run_group
 from gptdist.machine import usable_cores
+from gptdist.model import count_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 # About 60 M parameters: 8 blocks of width 768 (56.6 M) and the recipe's 4096-token vocabulary (3.1 M).
@@ -58,9 +60,6 @@ def _median(values: List[float]) -> Optional[float]:
 
 
 def run_bench_checkpoint(args: argparse.Namespace) -> int:
-    from gptdist.config import load_config
-    from gptdist.model import count_parameters
-
     if args.steps < 2 * args.every or args.every < 1 or args.repeats < 1 or args.ranks < 1:
         raise UserError("--every must be at least 1, --steps at least twice --every, --repeats and --ranks at least 1")
     config = str(Path(args.config).resolve())

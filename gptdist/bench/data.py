@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import resource
 import statistics
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from gptdist.config import load_config
+from gptdist.data.checks import check_data
+from gptdist.data.sources import resolve_sources
 from gptdist.errors import UserError
 from gptdist.machine import usable_cores
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from gptdist.config import load_config
-    from gptdist.data.checks import check_data
-
     if args.tokens < 1 or args.repeats < 1 or args.workers < 1:
         raise UserError("--tokens, --repeats and --workers must be at least 1")
     worlds = _worlds(args.worlds)
@@ -84,8 +85,7 @@ def _worlds(spec: str) -> List[int]:
 
 
 def _rank_main(cfg, rank: int, world: int, cache_dir: str, tokens: int, go, results) -> None:
-    import resource
-
+    # torch: only the rank processes build the data pipeline; the parent process stays light
     from gptdist.data.loader import build_train_loader
     from gptdist.data.producers import ProducerGroup
 
@@ -165,6 +165,7 @@ def _ratio(rate: Optional[float], base: Optional[float]) -> str:
 
 def _loader_run(cfg, workers: int, tokens: int) -> Tuple[float, float]:
     """(tokens/s from build to `tokens` delivered, seconds to the first micro-batch)."""
+    # torch: only the rank processes build the data pipeline; the parent process stays light
     from gptdist.data.loader import build_train_loader
 
     data = cfg.data.model_copy(update={"workers": workers, "cache": "off"})
@@ -185,8 +186,6 @@ def _loader_run(cfg, workers: int, tokens: int) -> Tuple[float, float]:
 
 
 def _anchor_rate(data_cfg, tok, tokens: int, repeats: int) -> Tuple[Optional[float], str]:
-    from gptdist.data.sources import resolve_sources
-
     sources = resolve_sources(data_cfg)
     files = [f for s in sources for f in s.files]
     kinds = {f.kind for f in files}
@@ -203,6 +202,7 @@ def _anchor_rate(data_cfg, tok, tokens: int, repeats: int) -> Tuple[Optional[flo
 
 
 def _anchor_once(kind: str, files: List[str], text_split: str, field: str, tok, tokens: int) -> float:
+    # datasets: slow to import, only for the --anchor row
     import datasets
     from datasets import load_dataset
 
@@ -247,6 +247,7 @@ def _rows_for(ds, field: str, tok, tokens: int) -> int:
 
 def _model_rate(cfg, steps: int, repeats: int) -> Tuple[Optional[float], str]:
     try:
+        # torch: only for the model-rate row; the parent process stays light
         import torch
 
         from gptdist.model import GPT, init_parameters

@@ -7,7 +7,7 @@ per-step values in metrics.jsonl after the first steps (start-up, allocator and 
 
 Then, at dp=2 with one micro-batch per step (so that one step is one gradient reduction, as in the ZeRO paper),
 ZeRO 1/2/3 runs with DeepSpeed's comms logger (profile.comms=true), whose per-rank records the run writes to
-RUN_DIR/profile/ (train/profiling.py), compared with the paper's volumes (comms.py). Pipeline layouts run with
+RUN_DIR/profile/ (telemetry/profiling.py), compared with the paper's volumes (comms.py). Pipeline layouts run with
 profile.pipeline=true, which times every instruction of the schedule. gptdist's ZeRO-1/2 reduce each gradient slice
 to its owner (use_multi_rank_bucket_allreduce off, ds_config.py); the "allreduce" layouts put DeepSpeed's own
 default back (every bucket all-reduced) to keep the comparison in the table.
@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from gptdist.bench.comms import comms_table, pipeline_table, throughput_table
+from gptdist.config import load_config
 from gptdist.errors import UserError
 from gptdist.launchers.child import run_group
 from gptdist.machine import usable_cores
+from gptdist.model import count_parameters
 from gptdist.telemetry.profiling import read_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,10 +148,6 @@ def execute(run: Run, config: str, user_overrides: Sequence[str], steps: int, ou
 
 
 def run_bench_parallel(args: argparse.Namespace) -> int:
-    from gptdist.bench.comms import comms_table, pipeline_table, throughput_table
-    from gptdist.config import load_config
-    from gptdist.model import count_parameters
-
     if not (ROOT / "launch" / "train.sh").exists():
         raise UserError("bench parallel needs a source checkout of gptdist (it runs launch/train.sh)")
     if args.steps < 3 or args.repeats < 1:

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.bench.in_training import step_windows
+from gptdist.config import load_config
 from gptdist.errors import UserError
 from gptdist.machine import usable_cores
 
@@ -121,14 +123,13 @@ def _tail(log: Path) -> str:
 
 
 def _has_gpu() -> bool:
+    # torch: only to ask for a GPU; `gptdist bench peers` starts without it
     import torch
 
     return torch.cuda.is_available()
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -152,8 +153,6 @@ def format_peers(cells: Dict[tuple, Cell], layouts: Sequence[tuple] = LAYOUTS) -
 
 
 def run_bench_peers(args: argparse.Namespace) -> int:
-    from gptdist.config import load_config
-
     if not (ROOT / "launch" / "train.sh").exists():
         raise UserError("bench peers needs a source checkout of gptdist (it runs launch/train.sh)")
     if shutil.which("deepspeed") is None:

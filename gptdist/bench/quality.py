@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from gptdist.config import RunConfig, load_config
+from gptdist.data import build_train_loader
+from gptdist.data.blocks import tokenize_block
+from gptdist.data.held_out import held_out_config, spread_windows
+from gptdist.data.reader import SourceReader
+from gptdist.data.sources import resolve_sources
+from gptdist.data.tokenizer import load_tokenizer
+from gptdist.engine.optim import build_optimizer, build_scheduler
 from gptdist.errors import UserError
+from gptdist.model import GPT
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -41,10 +49,6 @@ def quality_config(path: str, overrides: Sequence[str]) -> RunConfig:
 def one_pass(cfg: RunConfig, tok) -> np.ndarray:
     """The training sources read once, unshuffled, each document followed by EOS: the stream random windows come
     from. Several sources are concatenated (their weights do not apply to random windows)."""
-    from gptdist.data.blocks import tokenize_block
-    from gptdist.data.reader import SourceReader
-    from gptdist.data.sources import resolve_sources
-
     parts = []
     for src in resolve_sources(cfg.data):
         reader = SourceReader(src, cfg.data.on_bad_file)
@@ -68,8 +72,6 @@ def random_batches(stream: np.ndarray, rows: int, seq_len: int, seed: int) -> It
 
 
 def loader_batches(cfg: RunConfig) -> Iterator[Batch]:
-    from gptdist.data import build_train_loader
-
     with build_train_loader(cfg.data, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                             dp_rank=0, dp_size=1, seed=cfg.train.seed) as loader:
         for batch in loader:
@@ -79,9 +81,6 @@ def loader_batches(cfg: RunConfig) -> Iterator[Batch]:
 def train(cfg: RunConfig, batches: Iterator[Batch], steps: int) -> Tuple[torch.nn.Module, float, float]:
     """(model, last training loss, median ms per step): global_batch_size // micro_batch_size micro-batches per
     optimizer step, torch AdamW with gptdist's parameter groups and schedule, gradient clipping."""
-    from gptdist.engine.optim import build_optimizer, build_scheduler
-    from gptdist.model import GPT
-
     model = GPT(cfg.model, seed=cfg.train.seed).train()
     opt = build_optimizer(model, cfg.train, "cpu")
     sched = build_scheduler(opt, cfg.train)
@@ -120,9 +119,6 @@ def score(model: torch.nn.Module, windows: List[List[int]], rows: int = 32) -> f
 
 
 def run(cfg: RunConfig, seeds: Sequence[int], eval_windows: int, out=sys.stdout) -> Dict[str, List[float]]:
-    from gptdist.data.held_out import held_out_config, spread_windows
-    from gptdist.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(cfg.data.tokenizer)
     source = cfg.eval.source
     held = held_out_config(source, cfg.data.tokenizer, source.text_field or cfg.data.text_field, cfg.data.text_split)

@@ -14,6 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from gptdist.config import RunConfig
+from gptdist.engine.build import build_training_engine
+from gptdist.engine.ds_config import resolve_precision
+from gptdist.engine.optim import build_optimizer
+from gptdist.engine.process import discover_world, start_rank
+from gptdist.model import GPT
+from gptdist.model.hf import hf_config_from
+from gptdist.parallel.layout import Layout
+from gptdist.train.drills import FaultDrills
+from gptdist.train.stepper import Stepper
+from gptdist.train.stop import StopRequest
 
 ROWS = ("gptdist", "plain", "plain-chunked", "transformers", "ceiling")
 TITLES = {
@@ -52,9 +62,6 @@ class PlainRunner:
     gptdist row trains), which separates what the head gains from what DeepSpeed costs."""
 
     def __init__(self, cfg: RunConfig, chunked: bool):
-        from gptdist.engine.optim import build_optimizer
-        from gptdist.model import GPT
-
         dev = device_type()
         _same_gpu_settings(dev)
         self.device = torch.device(dev)
@@ -81,10 +88,8 @@ class TransformersRunner(PlainRunner):
     """transformers' GPT2LMHeadModel of the same shape (SDPA attention), its own loss (labels), the same loop."""
 
     def __init__(self, cfg: RunConfig):
+        # transformers: slow to import, only for the transformers row
         import transformers
-
-        from gptdist.engine.optim import build_optimizer
-        from gptdist.model.hf import hf_config_from
 
         dev = device_type()
         _same_gpu_settings(dev)
@@ -115,13 +120,6 @@ class DeepSpeedRunner:
     way train/loop.py drives it each optimizer step: the Stepper (lr, step, grad norm) and the stop agreement."""
 
     def __init__(self, cfg: RunConfig):
-        from gptdist.engine.build import build_training_engine
-        from gptdist.engine.process import discover_world, start_rank
-        from gptdist.parallel.layout import Layout
-        from gptdist.train.drills import FaultDrills
-        from gptdist.train.stepper import Stepper
-        from gptdist.train.stop import StopRequest
-
         world = discover_world()
         rank = start_rank(cfg, world, Layout.resolve(cfg, world.size))
         drills = FaultDrills(world.rank, env={})
@@ -158,7 +156,8 @@ class CeilingRunner:
 
 
 def _same_gpu_settings(dev: str) -> None:
-    """What runtime.prepare_process sets on a GPU rank (TF32 for fp32 matmuls), so the plain rows get it too."""
+    """What prepare_process (engine/process.py) sets on a GPU rank (TF32 for fp32 matmuls), so the plain rows get it
+    too."""
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -166,8 +165,6 @@ def _same_gpu_settings(dev: str) -> None:
 
 def _autocast(cfg: RunConfig, dev: str):
     """bf16 autocast for the plain loops where gptdist trains in bf16 (GPUs), else nothing."""
-    from gptdist.engine.ds_config import resolve_precision
-
     if resolve_precision(cfg, dev) == "bf16":
         return torch.autocast(dev, dtype=torch.bfloat16)
     return torch.autocast(dev, enabled=False)

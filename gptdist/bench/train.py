@@ -18,12 +18,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from gptdist.bench.in_training import FIRST_STEP, ROW, TITLE, breakdown, format_breakdown, run_training
 from gptdist.bench.runners import ROWS, TITLES
 from gptdist.bench.table import build_lines, format_table
 from gptdist.bench.workers import RowResult, measure_rows
 from gptdist.config import RunConfig, load_config
+from gptdist.engine.ds_config import resolve_precision
 from gptdist.machine import usable_cores
+from gptdist.model import count_parameters, flops_per_token
+from gptdist.telemetry.metrics_file import datasheet_peak_flops
 
 
 def bench_config(path: str, overrides: Sequence[str]) -> RunConfig:
@@ -36,8 +41,6 @@ def bench_config(path: str, overrides: Sequence[str]) -> RunConfig:
 
 
 def machine() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     cores = usable_cores()
@@ -45,12 +48,6 @@ def machine() -> str:
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from gptdist.engine.ds_config import resolve_precision
-    from gptdist.model import count_parameters, flops_per_token
-    from gptdist.telemetry.metrics_file import datasheet_peak_flops
-
     cfg = bench_config(args.config, args.overrides)
     gpu = torch.cuda.is_available()
     precision = resolve_precision(cfg, "cuda" if gpu else "cpu")

@@ -8,14 +8,18 @@ each row sees the same noise; the starting row rotates so none is always first a
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import multiprocessing as mp
 import os
+import resource
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from gptdist.config import RunConfig
 from gptdist.errors import UserError
 
 
@@ -30,16 +34,17 @@ class RowResult:
 
 
 def _peak_bytes() -> int:
+    # torch: loaded in the spawned worker only; bench.table imports this module and stays light
     import torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
 
 
 def _sync() -> None:
+    # torch: loaded in the spawned worker only
     import torch
 
     if torch.cuda.is_available():
@@ -49,9 +54,6 @@ def _sync() -> None:
 def _release_free_memory() -> None:
     """Hand freed heap pages back to the OS between windows (glibc keeps them otherwise): five rows' workers stay
     alive side by side, and at vocab 50k each idles at ~0.7 GB after trimming instead of ~1.4 GB."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -62,8 +64,8 @@ def _release_free_memory() -> None:
 def _serve(conn, row: str, cfg_dict: Dict[str, Any], warmup: int) -> None:
     """The worker: build the row's runner, warm it up, then run timed windows until told to stop."""
     try:
+        # torch: the runners load in the spawned worker only
         from gptdist.bench.runners import build_runner, describe
-        from gptdist.config import RunConfig
 
         runner = build_runner(row, RunConfig.model_validate(cfg_dict))
         for _ in range(warmup):

@@ -18,10 +18,14 @@ position and tokenizer, the rank's layout, the telemetry's MLflow run; the check
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
 
 from gptdist.checkpoint import engine_state, fragments, rng
 from gptdist.checkpoint.layout_free import LayoutFreeReader
@@ -141,8 +145,6 @@ class Checkpointer:
     def save(self, step: int) -> bool:
         """Collective. Starts the save of `step` (synchronous saves also complete it). False when it cannot even
         start (no room, run.dir not writable): counted as failed; the previous checkpoints are kept."""
-        import torch.distributed as dist
-
         self._finish()  # one save in flight at a time
         start = time.perf_counter()
         world = self.rank.world
@@ -153,8 +155,6 @@ class Checkpointer:
             return False
         folder = partial_folder(self.root, step)
         if world.is_main and folder.exists():
-            import shutil
-
             shutil.rmtree(folder)  # an earlier attempt's interrupted save of the same step
         if world.size > 1:
             dist.barrier()
@@ -252,9 +252,6 @@ class Checkpointer:
 
 
 def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     value = torch.tensor([1.0 if flag else 0.0])
@@ -263,8 +260,6 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _gather(value, world_size: int) -> List[Any]:
-    import torch.distributed as dist
-
     if world_size == 1:
         return [value]
     out: List[Any] = [None] * world_size
@@ -273,8 +268,6 @@ def _gather(value, world_size: int) -> List[Any]:
 
 
 def _from_main(value, world_size: int):
-    import torch.distributed as dist
-
     if world_size == 1:
         return value
     box = [value]
@@ -287,8 +280,6 @@ _GROUP = None
 
 def _cpu_group():
     """A gloo group for the checkpoint's small agreements: CPU tensors and objects, whatever backend trains."""
-    import torch.distributed as dist
-
     global _GROUP
     if _GROUP is None:
         _GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD

@@ -52,6 +52,7 @@ def plan_resume(cfg, tokenizer_identity: str, report: Callable[[str], None]) -> 
 def check_data_position(cfg, state: Dict[str, Any], plans: List[Any]) -> None:
     """The checkpoint's data position against this config (seq_len, seed, the data section): the same check, and the
     same line, as the data feed makes when it starts from it (data/packing.py), made here before any process group."""
+    # torch: the data feed's modules load only when a checkpoint is resumed; `gptdist check` of a new run skips them
     from gptdist.data.loader import make_plan
     from gptdist.data.packing import parse_state
 

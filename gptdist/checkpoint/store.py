@@ -102,6 +102,7 @@ def damage(folder: Path) -> Optional[str]:
 def _read_headers(folder: Path, manifest: Dict) -> None:
     """The index and every tensor file's header, checked against the file sizes: a file that is not what its name
     says (a pickle under a safetensors name) is found here, before any process group, and nothing is unpickled."""
+    # torch: only when a checkpoint is read, so `gptdist check` of a fresh run starts fast
     from gptdist.checkpoint.layout_free import LayoutFreeReader
     from gptdist.checkpoint.safetensors_io import SafetensorsFile
 
@@ -129,6 +130,7 @@ def resume_candidates(root: Path, report: Callable[[str], None]) -> List[Path]:
 
 def verify_checksums(folder: Path, rank: int, world_size: int) -> List[str]:
     """Collective: every rank checks every world_size-th file; returns all problems found, on every rank."""
+    # torch: only when checksums are verified across ranks; this module stays light for `gptdist check`
     import torch.distributed as dist
 
     manifest = read_manifest(folder)

@@ -98,12 +98,14 @@ def register_bench_commands(bench_subparsers: Any) -> None:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    # lazy: a bench's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.checkpoint import run_bench_checkpoint
 
     return run_bench_checkpoint(args)
 
 
 def _quality(args: argparse.Namespace) -> int:
+    # lazy: a bench's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.quality import quality_config, run
 
     cfg = quality_config(args.config, args.overrides)
@@ -113,18 +115,21 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # lazy: a bench's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.train import run_bench_train
 
     return run_bench_train(args)
 
 
 def _parallel(args: argparse.Namespace) -> int:
+    # lazy: a bench's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.parallel import run_bench_parallel
 
     return run_bench_parallel(args)
 
 
 def _peers(args: argparse.Namespace) -> int:
+    # lazy: a bench's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.peers import run_bench_peers
 
     return run_bench_peers(args)

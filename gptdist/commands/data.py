@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from gptdist.errors import UserError
 from gptdist.machine import usable_cores
 
 
@@ -87,10 +88,10 @@ def register_bench_data(bench_subparsers: Any) -> None:
 
 
 def preview_command(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.config import load_config
     from gptdist.data.checks import check_data
     from gptdist.data.loader import iter_samples
-    from gptdist.errors import UserError
 
     if args.world < 1 or not 0 <= args.rank < args.world:
         raise UserError(f"--rank {args.rank} --world {args.world}: need world >= 1 and 0 <= rank < world")
@@ -115,6 +116,7 @@ def preview_command(args: argparse.Namespace) -> int:
 
 
 def cache_command(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.config import load_config
     from gptdist.data.checks import check_data
     from gptdist.data.fill_cache import fill_cache, tokens_for_steps
@@ -124,6 +126,7 @@ def cache_command(args: argparse.Namespace) -> int:
     tokens = args.tokens if args.tokens is not None else tokens_for_steps(cfg)
     cores = usable_cores()
     workers = args.workers if args.workers is not None else cores
+    # lazy, as above
     from tqdm import tqdm
 
     with tqdm(total=tokens, unit="tok", unit_scale=True, desc="token cache", leave=False) as bar:
@@ -140,8 +143,8 @@ def cache_command(args: argparse.Namespace) -> int:
 
 
 def tokenizer_train_command(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.data.tokenizer_train import train_char_tokenizer, train_tokenizer
-    from gptdist.errors import UserError
 
     if args.char == (args.vocab_size is not None):
         raise UserError("tokenizer train: give --vocab-size N (byte-level BPE) or --char (characters), one of them")
@@ -158,6 +161,7 @@ def tokenizer_train_command(args: argparse.Namespace) -> int:
 
 
 def bench_data_command(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.bench.data import run_bench
 
     return run_bench(args)

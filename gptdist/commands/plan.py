@@ -44,6 +44,7 @@ def register_plan_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.config import load_config
     from gptdist.plan.hardware import resolve
     from gptdist.plan.search import search
@@ -76,10 +77,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _measure(cfg, args, plans, hw) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.plan.measure import run_layout
     from gptdist.plan.table import measured_table
 
     if hw.device != "cpu":
+        # torch: only to ask for a GPU
         import torch
 
         if not torch.cuda.is_available():

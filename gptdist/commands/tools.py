@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from gptdist.errors import UserError
+
 CKPT_HELP = "a run directory (its newest complete checkpoint), its checkpoints/ folder, or one step_* checkpoint"
 TOK_HELP = "the training tokenizer, when the checkpoint's data.tokenizer path does not resolve from here"
 
@@ -73,6 +75,7 @@ def _import_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.tools.export_hf import export_hf
     from gptdist.tools.resolve import open_checkpoint
 
@@ -83,7 +86,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from gptdist.errors import UserError
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.tools.import_hf import import_hf, summary
 
     inner = argparse.ArgumentParser(prog="gptdist import-hf")
@@ -101,7 +104,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from gptdist.errors import UserError
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.tools.generate_text import Sampling, generate_text
     from gptdist.tools.resolve import open_checkpoint
 
@@ -128,6 +131,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.tools.evaluate import evaluate
     from gptdist.tools.resolve import open_checkpoint
 
@@ -154,6 +158,7 @@ def register_compare_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.tools.compare_loss import compare, load_losses
 
     a, b = load_losses(args.run_a), load_losses(args.run_b)

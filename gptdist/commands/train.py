@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from gptdist.errors import UserError
 
 
 def register_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +40,7 @@ def _add_accelerate_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
-
-    from gptdist.errors import UserError
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.launchers.run_config import resolve_run_config
 
     try:
@@ -50,10 +52,12 @@ def _run_train(args: argparse.Namespace) -> int:
         if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
             return UserError.exit_code
         raise
+    # lazy, as above
     from gptdist.engine.process import discover_world, finish_process, keep_mlflow_out
 
     if not (cfg.tracking.enabled and discover_world().is_main):
         keep_mlflow_out()
+    # ordering: after keep_mlflow_out, which must run before deepspeed (and mlflow) are imported
     from gptdist.train.loop import train
 
     code = train(cfg)
@@ -62,8 +66,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    import sys
-
+    # lazy: a command's modules load only when it runs, so the CLI starts fast
     from gptdist.launchers.run_config import resolve_run_config
     from gptdist.train.preflight import preflight
 
@@ -76,6 +79,7 @@ def _run_check(args: argparse.Namespace) -> int:
         warnings.append(checked.tracking_warning)
     for warning in warnings:
         print(f"gptdist | warning: {warning}", file=sys.stderr)
+    # lazy, as above
     from gptdist.data.sources import resolve_sources
 
     for src in resolve_sources(cfg.data):  # what each source stands for: symlinks followed, duplicates removed

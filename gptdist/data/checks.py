@@ -7,6 +7,8 @@ source. Problems in later files are still reported, with file and line, by the s
 
 from __future__ import annotations
 
+import json
+
 from gptdist.data.config import DataConfig
 from gptdist.data.reader import BadFile, SourceReader, find_bad_json_line, validate_file
 from gptdist.data.sources import ResolvedSource, is_compressed, resolve_sources
@@ -35,8 +37,6 @@ def check_data(cfg: DataConfig, model_vocab_size: int) -> GPTTokenizer:
 def _has_document(f, text_field: str):
     """Whether a plain-text or JSONL file holds a non-blank document, read directly (no `datasets`, so a check stays
     a fraction of a second); None for the kinds only `datasets` reads (Parquet, compressed, JSON arrays)."""
-    import json
-
     if is_compressed(f.path) or f.kind not in ("text", "json"):
         return None
     try:

@@ -122,6 +122,7 @@ class DocIndex:
         return self._text
 
     def _read_parquet(self, lo: int, hi: int) -> List[str]:
+        # pyarrow: slow to import, only for parquet files
         import pyarrow.parquet as pq
 
         groups, rows = self.starts[lo:hi].tolist(), self.ends[lo:hi].tolist()
@@ -280,6 +281,7 @@ def _index_jsonl(path: str, text_field: str) -> DocIndex:
 
 
 def _index_parquet(path: str, text_field: str) -> DocIndex:
+    # pyarrow: slow to import, only for parquet files
     import pyarrow.parquet as pq
 
     try:

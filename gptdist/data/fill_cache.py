@@ -34,6 +34,7 @@ def tokens_for_steps(cfg) -> int:
 def fill_cache(cfg, tokens: int, workers: int, scope_node: Optional[bool] = None,
                progress: Optional[Callable[[int, int], None]] = None) -> FillReport:
     """Blocks 0, 1, ... into the cache until they hold at least `tokens` tokens."""
+    # torch/numpy: the data feed loads only when the cache is filled; `gptdist data` starts without it
     from gptdist.data.loader import BlockReader, make_plan
     from gptdist.data.packing import Start
     from gptdist.data.producers import ProcessProducers, open_cache

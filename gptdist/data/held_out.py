@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Iterator, List
 
 from gptdist.data.config import DataConfig, SourceSpec
+from gptdist.data.reader import SourceReader
+from gptdist.data.sources import resolve_sources
 from gptdist.errors import UserError
 
 
@@ -25,11 +27,10 @@ def held_out_config(source, tokenizer: str, text_field: str, text_split: str) ->
 
 def windows(data_cfg: DataConfig, tok, seq_len: int, key: str = "--data") -> Iterator[List[int]]:
     """The seq_len+1 token windows of one pass over the source. key: how the user named the source."""
+    # numpy: only when windows are read; `gptdist check` imports this module and stays without numpy
     import numpy as np
 
     from gptdist.data.blocks import tokenize_block
-    from gptdist.data.reader import SourceReader
-    from gptdist.data.sources import resolve_sources
 
     try:
         (src,) = resolve_sources(data_cfg)
@@ -51,6 +52,7 @@ def spread_windows(data_cfg: DataConfig, tok, seq_len: int, count: int, key: str
     """`count` windows evenly strided over the whole pass: window floor(j * N / count) for j < count (N windows in
     all; every window when N <= count). So validation estimates the whole held-out text, not where it starts. One
     pass, holding the held-out tokens (4 bytes each) while it picks."""
+    # numpy: only when windows are spread; `gptdist check` stays without numpy
     import numpy as np
 
     rows = [np.asarray(w, dtype=np.int32) for w in windows(data_cfg, tok, seq_len, key)]
@@ -64,8 +66,6 @@ def spread_windows(data_cfg: DataConfig, tok, seq_len: int, count: int, key: str
 
 def check_source(source, tokenizer: str, text_field: str, text_split: str, key: str) -> None:
     """Before any process group: the source resolves (files exist, the hub name is well formed)."""
-    from gptdist.data.sources import resolve_sources
-
     try:
         resolve_sources(held_out_config(source, tokenizer, text_field, text_split))
     except UserError as err:

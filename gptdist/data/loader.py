@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -24,7 +25,7 @@ from gptdist.data.packing import Batch, Packer, Start, make_state, parse_state, 
 from gptdist.data.producers import ProcessProducers, ProducerGroup, ProducerStats, ThreadProducer, open_cache
 from gptdist.data.sources import resolve_sources
 from gptdist.data.stream import BlockMaker, Indexes
-from gptdist.data.token_cache import block_record
+from gptdist.data.token_cache import MemoryCache, block_record
 from gptdist.data.tokenizer import GPTTokenizer, load_tokenizer
 
 log = logging.getLogger("gptdist.data")
@@ -53,8 +54,6 @@ def make_plan(cfg: DataConfig, seed: int) -> Tuple[DataPlan, GPTTokenizer]:
 
 def sequential_blocks(plan: DataPlan, start_block: int = 0, cursors=None) -> Iterator[TokBlock]:
     """Tokenized blocks from `start_block` on, in this thread, without any cache."""
-    from gptdist.data.token_cache import MemoryCache
-
     tok = load_tokenizer(plan.tokenizer)
     maker = BlockMaker(plan, Indexes(plan, MemoryCache()))
     cur = [list(c) for c in (cursors or plan.initial_cursors())]
@@ -189,10 +188,8 @@ class BlockReader:
         return self
 
     def __next__(self) -> TokBlock:
-        import time
-
         c = self.next
-        self.producer.at(c)
+        self.producer.reader_reached(c)
         delay, waited = 0.001, 0.0
         while True:
             tokens, meta, problem = self.cache.get_block(c)

@@ -15,9 +15,11 @@ W processes, each with its own tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing as mp
 import os
+import queue
 import threading
 import traceback
 from dataclasses import dataclass, fields
@@ -25,7 +27,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from gptdist.data.blocks import Cursor, DataPlan
+from gptdist.data.doc_index import file_key, indexable
 from gptdist.data.stream import BlockMaker, Indexes, Stopped
+from gptdist.data.token_cache import CacheDir, MemoryCache
+from gptdist.data.tokenizer import load_tokenizer
 from gptdist.errors import UserError
 
 log = logging.getLogger("gptdist.data")
@@ -67,17 +72,11 @@ class ProducerStats:
 
 
 def open_cache(plan: DataPlan, cache_dir: Optional[str]):
-    from gptdist.data.token_cache import CacheDir, MemoryCache
-
     return CacheDir(Path(cache_dir), stream_key(plan)) if cache_dir else MemoryCache()
 
 
 def stream_key(plan: DataPlan) -> str:
     """What a cached block's content depends on (see token_cache.py)."""
-    import hashlib
-
-    from gptdist.data.doc_index import file_key, indexable
-
     parts = [plan.digest, str(plan.seed)]
     for src in plan.sources:
         for f in src.files:
@@ -93,8 +92,6 @@ def produce(plan: DataPlan, cache, start_block: int, cursors: Sequence[Sequence[
             consumer_at, stop, stats: ProducerStats, lookahead: int) -> None:
     """The loop of producing worker `me` of `total` (see the module docstring). `consumer_at()` is the block its
     rank's reader is at; `stop` an Event-like object."""
-    from gptdist.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(plan.tokenizer)
     indexes = Indexes(plan, cache, me, total, stop=stop)
     maker = BlockMaker(plan, indexes)
@@ -146,7 +143,8 @@ class ThreadProducer:
         self._thread = threading.Thread(target=run, name="gptdist-tokenize", daemon=True)
         self._thread.start()
 
-    def at(self, block: int) -> None:
+    def reader_reached(self, block: int) -> None:
+        """The rank's reader waits for `block` now: the producers tokenize up to `lookahead` blocks past it."""
         self.position = block
 
     def check(self) -> None:
@@ -165,6 +163,7 @@ class ThreadProducer:
 def _process_main(plan, cache_dir, start_block, cursors, me, total, lookahead, position, stop, errors, counters):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism
     try:
+        # torch: optional here, only to pin the producer process to one thread
         import torch
 
         torch.set_num_threads(1)
@@ -215,12 +214,11 @@ class ProcessProducers:
             p.start()
             self._procs.append(p)
 
-    def at(self, block: int) -> None:
+    def reader_reached(self, block: int) -> None:
+        """The rank's reader waits for `block` now: the producers tokenize up to `lookahead` blocks past it."""
         self.position.value = block
 
     def check(self) -> None:
-        import queue
-
         try:
             kind, message = self._errors.get_nowait()
         except queue.Empty:

@@ -115,6 +115,7 @@ class SourceReader:
         return ds.shard(num_shards=ds.num_shards, index=pos)
 
     def _load(self, kind: str, paths: List[str]) -> Any:
+        # datasets: slow to import, only for sources that need it
         from datasets import load_dataset
 
         kwargs: Dict[str, Any] = {}
@@ -131,6 +132,7 @@ class SourceReader:
     def _hub(self) -> Any:
         ds = self._by_kind.get("hub")
         if ds is None:
+            # datasets: slow to import, only for hub sources
             from datasets import load_dataset
 
             name, config, split, revision = self.src.hub  # type: ignore[misc]
@@ -186,6 +188,7 @@ def validate_file(path: str, kind: str, text_field: str, *, max_bytes: Optional[
     """
     if kind == "parquet":
         try:
+            # pyarrow: slow to import, only for parquet files
             import pyarrow.parquet as pq
 
             names = pq.read_schema(path).names

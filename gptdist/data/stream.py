@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gptdist.data.blocks import _FILES, _MIX, _PERM, Cursor, DataPlan, TokBlock
+from gptdist.data.blocks import _FILES, _MIX, _PERM, Cursor, DataPlan, TokBlock, tokenize_block
 from gptdist.data.doc_index import DocIndex, build_index, file_key, indexable
 from gptdist.data.reader import BadFile, SourceReader
 from gptdist.data.sources import ResolvedSource
@@ -241,8 +241,6 @@ class BlockMaker:
         return ordered, after
 
     def tokenized(self, tok, c: int, cursors: Sequence[Sequence[int]]) -> Tuple[TokBlock, List[Cursor]]:
-        from gptdist.data.blocks import tokenize_block
-
         docs, after = self.documents(c, cursors)
         bad, self.bad = self.bad, []
         if self._last is not None and self._last[0] == docs:

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+from gptdist.data.doc_index import file_key
 from gptdist.data.reader import BadFile, SourceReader
 from gptdist.data.sources import ResolvedSource
 from gptdist.errors import UserError
@@ -33,8 +34,6 @@ def unit_key(src: ResolvedSource, i: int) -> str:
     if src.hub is not None:
         what = ["hub", *map(str, src.hub), src.text_field]
     else:
-        from gptdist.data.doc_index import file_key
-
         what = ["file", file_key(src.files[i], src.text_split, src.text_field)]
     return hashlib.sha256("|".join(what).encode()).hexdigest()[:24]
 

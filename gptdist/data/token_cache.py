@@ -26,9 +26,11 @@ data.cache=off the blocks live in this process's memory only.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -52,8 +54,6 @@ def cache_folder(data_cfg, run_dir: Path) -> Optional[Path]:
 
 def node_folder(folder: Path) -> Path:
     """data.cache_scope=node: this node's own part of the cache folder."""
-    import socket
-
     return Path(folder) / f"node-{socket.gethostname()}"
 
 
@@ -129,8 +129,6 @@ class CacheDir:
 
     def save_index(self, key: str, index: DocIndex) -> int:
         """Writes the index; returns the bytes written."""
-        import io
-
         arrays = index.to_arrays()
         buf = io.BytesIO()
         np.savez(buf, **arrays)

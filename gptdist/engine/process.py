@@ -7,6 +7,8 @@ process started alone (`gptdist train cfg.yaml` in a shell) becomes a world of o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -15,6 +17,11 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
+from gptdist.engine.ds_config import resolve_precision
+from gptdist.engine.shm import clear_stale_shm, disable_shm_op
 from gptdist.errors import UserError, env_int
 from gptdist.parallel.layout import Layout
 from gptdist.parallel.topology import Topology
@@ -79,8 +86,6 @@ def prepare_process(world: World) -> str:
 
     Returns the device type, 'cuda' or 'cpu'.
     """
-    import torch
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device_type)
     if device_type == "cuda":
@@ -119,8 +124,6 @@ class Rank:
 
     @property
     def device(self):
-        import torch
-
         return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")
 
 
@@ -128,8 +131,6 @@ def start_rank(cfg, world: World, layout: Layout, timeout_s: float = 600) -> Ran
     """Everything a rank does before it builds its model, in this order: the device and its threads (before torch's
     pools and DeepSpeed start), the precision, quiet logs on ranks other than 0, the process group, the topology's
     groups. `gptdist train` and `gptdist bench train` both start here."""
-    from gptdist.engine.ds_config import resolve_precision
-
     device_type = prepare_process(world)
     precision = resolve_precision(cfg, device_type)
     quiet_warnings(world.is_main)
@@ -150,18 +151,15 @@ def quiet_warnings(is_main: bool) -> None:
 
 def quiet_deepspeed(is_main: bool) -> None:
     """DeepSpeed logs its set-up at INFO from every rank; keep rank 0's warnings and silence the rest."""
+    # deepspeed: slow to import, only when a rank starts
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING if is_main else logging.ERROR)
 
 
 def init_process_group(device_type: str, timeout_s: float) -> None:
-    import contextlib
-    import io
-
+    # deepspeed: slow to import, only when a rank starts
     import deepspeed
-
-    from gptdist.engine.shm import clear_stale_shm, disable_shm_op
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cpu":
@@ -179,8 +177,6 @@ def finish_process(exit_code: int) -> None:
     without an active exception"), turning a finished run into a failed exit. Everything that matters is written
     and closed before this is called, so we leave the process group and exit directly.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

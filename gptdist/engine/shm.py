@@ -21,6 +21,7 @@ SHM_OP = "deepspeed_shm_comm"
 
 def disable_shm_op() -> None:
     """Before deepspeed.init_distributed: DeepSpeed asks this table whether its shm op can load on this machine."""
+    # deepspeed: slow to import, only when the op is disabled
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_OP] = False

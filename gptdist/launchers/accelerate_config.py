@@ -47,6 +47,7 @@ _FILE_PLACES = {
 
 def load(path: str):
     """accelerate's ClusterConfig for PATH; every way the file can be wrong becomes one line."""
+    # accelerate: slow to import, only when an accelerate config is read
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
     if not Path(path).is_file():

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from gptdist.config import RunConfig, load_config
 from gptdist.engine.ds_config import read_deepspeed_json
 from gptdist.errors import UserError
+from gptdist.parallel.layout import Layout
 
 # Checked against the resolved layout instead of set: values gptdist derives from the batch sizes and world size.
 DERIVED = {"layout.grad_accum": "gradient accumulation steps", "layout.global_batch_size": "global batch size",
@@ -177,8 +178,6 @@ def apply_settings(config_path: Optional[str], overrides: Sequence[str], setting
         except UserError as err:
             came = "; ".join(f"{s.key}={s.value} came from {s.source}" for s in extra)
             raise UserError(f"{err}; {came}") from None
-
-    from gptdist.parallel.layout import Layout
 
     layout = Layout.resolve(cfg, world_size)
     for key, label in DERIVED.items():

@@ -32,6 +32,7 @@ def resolve_run_config(config_path: Optional[str], overrides: Sequence[str], *, 
                         "gptdist reads its place from the environment; start the deepspeed launcher with "
                         "--no_local_rank, as launch/train.sh does")
     if accelerate_config is not None:
+        # deferred: only with --accelerate-config; `gptdist check` starts without it
         from gptdist.launchers import accelerate_config as config_file
 
         settings += config_file.settings(config_file.load(accelerate_config), accelerate_config)

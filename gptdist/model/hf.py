@@ -80,6 +80,7 @@ def config_from_hf(hf: "GPT2Config") -> GPTConfig:
 def hf_config_from(cfg: GPTConfig) -> "GPT2Config":
     """The `transformers.GPT2Config` of the same architecture (for export). GPT-2 has no option for
     sinusoidal positions, scaled embeddings or bias-free layers, so those raise ValueError."""
+    # transformers: slow to import, only when a Hugging Face config is made
     from transformers import GPT2Config
 
     _check_exportable(cfg)

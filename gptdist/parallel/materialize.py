@@ -133,6 +133,7 @@ class Zero3Partitioner:
 
     def __call__(self, param: nn.Parameter) -> None:
         if self._first is None:
+            # deepspeed: slow to import, only under ZeRO-3
             import deepspeed
 
             holder = nn.Module()

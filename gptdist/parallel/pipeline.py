@@ -34,6 +34,8 @@ from gptdist.model.embedding import Embeddings
 from gptdist.model.head import LMHead
 from gptdist.parallel.materialize import ValueSource, materialize
 from gptdist.parallel.tp.comm import Group, tp_rank, tp_size
+from gptdist.parallel.tp.head import VocabParallelLMHead
+from gptdist.parallel.tp.plan import shard_block, shard_token_embedding
 
 TIED_KEY = "wte"
 
@@ -56,8 +58,6 @@ class StageLayers:
     def token_embedding(self) -> nn.Module:
         wte = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model, device="meta")
         if tp_size(self.group) > 1:
-            from gptdist.parallel.tp.plan import shard_token_embedding
-
             wte = shard_token_embedding(wte, self.group)
         return self.finish(wte, "embed.wte")
 
@@ -92,8 +92,6 @@ class TiedHeadLayer(nn.Module):
         super().__init__()
         self.wte = build.token_embedding()
         if build.tensor_parallel:
-            from gptdist.parallel.tp.head import VocabParallelLMHead
-
             self.head = VocabParallelLMHead(build.group)
         else:
             self.head = LMHead()
@@ -127,8 +125,6 @@ class BlockLayer(nn.Module):
         super().__init__()
         block = Block(build.cfg, device="meta")
         if build.tensor_parallel:
-            from gptdist.parallel.tp.plan import shard_block
-
             shard_block(block, build.group)
         self.block = build.finish(block, f"blocks.{index}")
 
@@ -149,6 +145,7 @@ class FinalNormLayer(nn.Module):
 
 def build_pipeline(build: StageLayers, topology, loss_fn, activation_checkpointing: bool):
     """A PipelineModule for the given DeepSpeed topology; only this rank's stage is constructed."""
+    # deepspeed: slow to import, only when a pipeline is built
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     cfg = build.cfg

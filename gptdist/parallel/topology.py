@@ -17,6 +17,7 @@ from gptdist.parallel.layout import Layout
 
 class Topology:
     def __init__(self, layout: Layout, rank: int):
+        # deepspeed: slow to import, only when a topology is built
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         self.layout = layout

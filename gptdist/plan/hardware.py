@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 from gptdist.errors import UserError
 from gptdist.machine import usable_cores
+from gptdist.telemetry.peak import measure_rank_flops
 
 GiB = 2**30
 
@@ -75,9 +76,8 @@ def parse_bytes(text: str) -> int:
 
 def cpu_hardware(ranks_per_node: int) -> Hardware:
     """This machine's CPU, with its cores shared by `ranks_per_node` ranks (each gets cores / ranks threads)."""
+    # torch: only to measure this CPU; `gptdist plan` starts without it
     import torch
-
-    from gptdist.telemetry.peak import measure_rank_flops
 
     cores = usable_cores()
     threads = max(1, cores // max(1, ranks_per_node))

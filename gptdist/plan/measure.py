@@ -2,7 +2,7 @@
 memory tests compare predictions with.
 
 Each run is `launch/train.sh` (the deepspeed launcher) with the layout's overrides. Inside, every rank writes its
-memory report (train/memory.py). Outside, a watcher polls /proc for the run's rank processes (found by the run
+memory report (telemetry/memory.py). Outside, a watcher polls /proc for the run's rank processes (found by the run
 directory on their command line, ranked by the RANK in their environment) and keeps each one's VmHWM, the peak
 resident set the kernel counted, until it exits: a figure that owes nothing to gptdist's own accounting.
 """
@@ -112,6 +112,7 @@ def run_layout(config: str, overrides: Sequence[str], ranks: int, run_dir: Path,
         watcher.stop()
     out.vm_hwm = dict(watcher.hwm)
     out.io = dict(watcher.io)
+    # torch: only after a measured run; `gptdist plan` starts without it
     from gptdist.telemetry.memory import read_reports
 
     if (run_dir / "memory").is_dir():

@@ -1,6 +1,6 @@
 """Per-rank memory of a layout, predicted from the shapes alone: model states exactly, activations by formula.
 
-What a rank holds, in the terms of its memory report (train/memory.py), for N = its parameters (shapes.py: its
+What a rank holds, in the terms of its memory report (telemetry/memory.py), for N = its parameters (shapes.py: its
 stage's layers, its tensor-parallel shard), part = its ZeRO partition of them, e = bytes per parameter element:
 
     fp32 (CPU, and GPUs with train.precision=fp32)   ZeRO-0   ZeRO-1 / ZeRO-2                 ZeRO-3
@@ -218,6 +218,7 @@ def predict_rank(cfg: GPTConfig, rp: RankParams, layout: Layout, precision: str,
 
 
 def chunk_rows_for(cfg: GPTConfig) -> int:
+    # torch: model.head imports torch; `gptdist plan` predicts without it
     from gptdist.model.head import default_chunk_rows
 
     return default_chunk_rows(cfg.vocab_size)

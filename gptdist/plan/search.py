@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from gptdist.engine.ds_config import zero_buffers
+from gptdist.model import flops_per_token
 from gptdist.model.config import GPTConfig
 from gptdist.parallel.layout import Layout
 from gptdist.plan.hardware import Hardware
@@ -123,8 +124,6 @@ def candidates(cfg: GPTConfig, world: int, global_batch: int, gpus_per_node: int
 
 def evaluate(cfg: GPTConfig, layout: Layout, hw: Hardware, gpus_per_node: int, headroom: float,
              global_batch: int) -> Plan:
-    from gptdist.model import flops_per_token
-
     buffers = zero_buffers(cfg, layout.tp) if layout.zero_stage else {}
     chunk = chunk_rows_for(cfg)
     stages = [rank_params(cfg, layout.tp, layout.pp, s) for s in range(layout.pp)]

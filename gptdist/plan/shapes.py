@@ -1,7 +1,7 @@
 """The parameters each rank of a layout holds, from the model's shapes alone: no process group, no memory.
 
 The GPT is built on the meta device and given the real tensor-parallel plan with a stand-in group of the layout's
-size (parallel/tp_comm.ShapeGroup), so every shard has exactly the shape training gives it; blocks are assigned to
+size (parallel/tp/comm.py's ShapeGroup), so every shard has exactly the shape training gives it; blocks are assigned to
 pipeline stages by DeepSpeed's own partitioning function with the weights gptdist's PipelineModule uses. The
 planner's model-state arithmetic starts from these lists.
 """
@@ -53,6 +53,7 @@ def stage_blocks(n_layer: int, pp: int) -> Tuple[Tuple[int, ...], ...]:
     """Block indices per stage, as DeepSpeed partitions gptdist's layer list by `type:BlockLayer`."""
     if pp == 1:
         return (tuple(range(n_layer)),)
+    # deepspeed: slow to import, only for pipelined layouts
     from deepspeed.runtime.utils import partition_balanced
 
     # [token embedding, positions, block 0 .. block L-1, final norm, tied head]: weight 1 for blocks only.
@@ -64,12 +65,14 @@ def stage_blocks(n_layer: int, pp: int) -> Tuple[Tuple[int, ...], ...]:
 @lru_cache(maxsize=256)
 def _sharded_shapes(cfg_json: str, tp: int, tp_rank: int) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
 
+    # torch: only for tensor-parallel shapes; `gptdist plan` starts without it
     from gptdist.model import GPT
     from gptdist.parallel.tp.comm import ShapeGroup
 
     cfg = GPTConfig.model_validate_json(cfg_json)
     model = GPT(cfg, seed=None, device="meta")
     if tp > 1:
+        # torch: as above
         from gptdist.parallel.tp.plan import shard_structure
 
         shard_structure(model, ShapeGroup(tp, tp_rank))

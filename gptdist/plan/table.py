@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+from gptdist.model import count_parameters
+
 GiB = 2**30
 
 
@@ -17,8 +19,6 @@ def _name(lay) -> str:
 
 
 def plan_table(cfg, args, hw, per_node: int, global_batch: int, plans: Sequence) -> str:
-    from gptdist.model import count_parameters
-
     m = cfg.model
     lines = [
         f"gptdist plan: {args.config}: {count_parameters(m) / 1e9:.3g} B parameters ({m.n_layer} layers, d_model "

@@ -18,9 +18,12 @@ stale and removes it, and whoever waits longer than BUILD_WAIT_S goes on without
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -38,6 +41,7 @@ def counting_allocator():
     global _EXTENSION, _FAILED
     if _EXTENSION is None and _FAILED is None:
         try:
+            # torch.utils.cpp_extension: slow to import, only when the allocator is built
             from torch.utils.cpp_extension import load
 
             source, build_dir = _stable_source()
@@ -58,8 +62,7 @@ def _stable_source() -> Tuple[Path, Path]:
     """The source copied into a build folder named by its content. Built from the checkout's own path, every
     other checkout of the same gptdist (a CI clone, a second work tree) would look changed to ninja and rebuild it,
     in whichever rank loads it first; keyed by content, one build serves them all."""
-    import hashlib
-
+    # torch.utils.cpp_extension: slow to import, only when the allocator is built
     from torch.utils.cpp_extension import _get_build_directory
 
     code = _SOURCE.read_bytes()
@@ -82,9 +85,6 @@ class _BuildLock:
         self.held = False
 
     def __enter__(self) -> "_BuildLock":
-        import fcntl
-        import time
-
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait_s
         while True:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from gptdist.engine.optim import base_optimizer
 from gptdist.telemetry.live_bytes import LiveBytes, build_problem
@@ -116,7 +117,7 @@ def total(by_kind: Dict[str, Dict[str, int]]) -> int:
 
 
 class PhaseTracker:
-    """Live tensor bytes at marks, and the peak of each phase between two marks (train/live_bytes.py counts)."""
+    """Live tensor bytes at marks, and the peak of each phase between two marks (telemetry/live_bytes.py counts)."""
 
     def __init__(self, live: LiveBytes) -> None:
         self.live = live
@@ -306,8 +307,6 @@ class MemoryReport:
 
     def _summary(self, log, tracker, step: int) -> None:
         """Collective: the largest and smallest rank of each figure, printed and logged by rank 0."""
-        import torch.distributed as dist
-
         mine = {"model_states": self.record.get("model_state_bytes") or 0,
                 "peak_live": self.record.get("peak_live_bytes") or 0,
                 "peak_rss": process_memory().get("peak_rss_bytes") or 0}

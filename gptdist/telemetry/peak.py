@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from gptdist.machine import usable_cores
+from gptdist.telemetry.metrics_file import datasheet_peak_flops
+
 MEASURE_S = 0.4  # seconds of matmuls per rank, after one warm-up
 CACHE_VERSION = 1
 
@@ -41,9 +44,8 @@ def _cpu_model() -> str:
 
 
 def cache_key(threads: int, local_ranks: int) -> str:
+    # torch: only when a peak is measured
     import torch
-
-    from gptdist.machine import usable_cores
 
     return (f"v{CACHE_VERSION}|{platform.node()}|{_cpu_model()}|cores={usable_cores()}|threads={threads}|"
             f"local_ranks={local_ranks}|torch={torch.__version__}")
@@ -51,6 +53,7 @@ def cache_key(threads: int, local_ranks: int) -> str:
 
 def measure_rank_flops(seconds: float = MEASURE_S, n: int = 1024) -> float:
     """fp32 matmul FLOP/s of this process with its current threads: the best of several timed rounds."""
+    # torch: only when a peak is measured
     import torch
 
     gen = torch.Generator().manual_seed(0)  # its own stream: training's random streams are not touched
@@ -101,9 +104,8 @@ def job_peak_flops(configured: Optional[float], device_type: str, precision: str
     if configured:
         return configured * world_size
     if device_type == "cuda":
+        # torch: only when a peak is measured; `gptdist plan` imports this module and starts without it
         import torch
-
-        from gptdist.telemetry.metrics_file import datasheet_peak_flops
 
         found = datasheet_peak_flops(torch.cuda.get_device_name(), precision)
         return found * world_size if found else None
@@ -111,6 +113,7 @@ def job_peak_flops(configured: Optional[float], device_type: str, precision: str
 
 
 def _cpu_job_peak(world_size: int, local_world_size: int, is_main: bool) -> float:
+    # torch: only when a peak is measured
     import torch
     import torch.distributed as dist
 
@@ -132,6 +135,7 @@ def _cpu_job_peak(world_size: int, local_world_size: int, is_main: bool) -> floa
 def raise_cpu_peak(achieved_job_flops: float, world_size: int, local_world_size: int) -> None:
     """A run achieved more model FLOP/s than the peak it was given: the machine can do at least that, so the
     cached figure rises to it and the next run's MFU shows (this run's stays hidden: its peak was wrong)."""
+    # torch: only when a peak is measured
     import torch
 
     _write_cache(cache_key(torch.get_num_threads(), local_world_size), achieved_job_flops / world_size)

@@ -17,9 +17,11 @@ def _series(records: List[Dict], key: str) -> Tuple[List[int], List[float]]:
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path:
+    # matplotlib: slow to import, only where the plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node
+    # ordering: pyplot picks its backend when imported, so after matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)

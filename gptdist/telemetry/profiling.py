@@ -7,7 +7,7 @@
                            stage's idle (bubble) fraction
 
 `gptdist bench parallel` and `gptdist plan --measure` switch these on with overrides, so benchmarks, the planner and
-training all measure through the same code. The memory report (train/memory.py) is on by default.
+training all measure through the same code. The memory report (telemetry/memory.py) is on by default.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ class RunProfiler:
     def attach(self, engine) -> None:
         """After the engine is built, before the first step."""
         if self.comms:
+            # deepspeed: slow to import, only when the profiler attaches
             import deepspeed.comm as ds_comm
 
             ds_comm.comms_logger.reset_data()  # start-up broadcasts are not per-step traffic
+        # deepspeed: slow to import, only when the profiler attaches
         from deepspeed.runtime.pipe.engine import PipelineEngine
 
         if self.pipeline and isinstance(engine, PipelineEngine):
@@ -71,6 +73,7 @@ class RunProfiler:
             return
         record: Dict[str, Any] = {"rank": self.rank, "stage": self.stage, "comms": {}, "pipe_steps": self.pipe_steps}
         if self.comms:
+            # deepspeed: slow to import, only when the profiler finishes
             import deepspeed.comm as ds_comm
 
             record["comms"] = {name: {str(size): vals[0] for size, vals in sizes.items()}  # op -> bytes -> calls
@@ -81,6 +84,7 @@ class RunProfiler:
 
 def read_profiles(run_dir: Path) -> Dict[int, Dict[str, Any]]:
     """Every rank's profile of a run, by rank."""
+    # torch: telemetry.memory imports torch; bench parallel reads profiles without it
     from gptdist.telemetry.memory import read_rank_records
 
     return read_rank_records(run_dir / "profile")

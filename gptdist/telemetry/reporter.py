@@ -13,13 +13,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from gptdist.telemetry.peak import mfu as model_flops_utilization
 
 
 def progress_bar(is_main: bool, start: int, total: int):
-    from tqdm.auto import tqdm
-
     # In a log file (not a terminal) a bar redrawn every second would flood it: redraw every 30 s there.
     return tqdm(total=total, initial=start, disable=not is_main, unit="step", dynamic_ncols=True,
                 mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)

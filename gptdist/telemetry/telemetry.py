@@ -31,7 +31,7 @@ class Telemetry:
         self.metrics, self.tracker, self.log, self.start_step = metrics, tracker, log, start_step
         self.run_dir = Path(cfg.run.dir)
         self.log_every, self.max_bad_steps = cfg.train.log_every, cfg.train.max_bad_steps
-        self.times: Optional[StepTimes] = None  # the loop's step-time breakdown, written by rank 0 at the end
+        self.times: Optional[StepTimes] = None  # the loop's step-time breakdown (report_step_times)
 
     @classmethod
     def open(cls, cfg, rank, *, memory, profiler, job_peak: Optional[float], resumed: Optional[Dict[str, Any]],
@@ -52,6 +52,10 @@ class Telemetry:
             tracker=tracker, progress=progress_bar(rank.world.is_main, start_step, cfg.train.steps), warn=log.warn,
             peak_exceeded=_peak_raiser(cfg, rank))
         return cls(cfg, rank, reporter, memory, profiler, metrics, tracker, log, start_step)
+
+    def report_step_times(self, times: StepTimes) -> None:
+        """The loop's step-time breakdown: rank 0 writes it (step_times.json) and says where the time went at close."""
+        self.times = times
 
     # ------------------------------------------------------------------------------------------- during training
 

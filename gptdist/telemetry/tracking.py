@@ -6,16 +6,20 @@ point elsewhere (a tracking server, a Databricks workspace, ...). Other ranks ge
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
+from urllib.parse import urlparse
 
 from gptdist.config import TrackingConfig
 from gptdist.errors import UserError
 from gptdist.launchers.detect import launcher_name
+from gptdist.telemetry.retry import RetryingSender, fail_fast_http
 
 # A key that names a secret as a whole word (hf_token, api-key, password), not one that merely contains the letters
 # (data.tokenizer, train.max_tokens).
@@ -78,8 +82,6 @@ class MlflowTracker(NullTracker):
     disk, network and, where there are GPUs, their utilization and memory) sampled from rank 0's node."""
 
     def __init__(self, cfg: TrackingConfig, uri: str, client, run_id: str, resumed: bool, warn) -> None:
-        from gptdist.telemetry.retry import RetryingSender
-
         self.cfg, self.uri, self.client, self.run_id = cfg, uri, client, run_id
         self.monitor = None
         self.sender = RetryingSender(client, run_id, uri, warn, on_recovery=self._start_system_metrics)
@@ -93,6 +95,7 @@ class MlflowTracker(NullTracker):
                                            and self.monitor._process.is_alive()):
             return
         try:
+            # mlflow: slow to import, only when MLflow is used
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
@@ -102,6 +105,7 @@ class MlflowTracker(NullTracker):
             self.monitor = None
 
     def log_metrics(self, records: Iterable[Dict[str, Any]]) -> None:
+        # mlflow: slow to import, only when MLflow is used
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -133,11 +137,8 @@ class MlflowTracker(NullTracker):
 
 
 def _client(uri: str):
-    import logging
-
+    # mlflow: slow to import, only when MLflow is used
     from mlflow.tracking import MlflowClient
-
-    from gptdist.telemetry.retry import fail_fast_http
 
     # MLflow announces its database migrations at INFO; the run's own log is what the user reads.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -154,6 +155,7 @@ def _store_exists(uri: str) -> bool:
 
 def _new_run(client, cfg: TrackingConfig, uri: str, run_dir: Path, run_name: str, params: Dict[str, Any],
              tags: Dict[str, str]) -> str:
+    # mlflow: slow to import, only when MLflow is used
     from mlflow.entities import Param
 
     experiment = client.get_experiment_by_name(cfg.experiment)
@@ -233,9 +235,6 @@ def preflight(cfg: TrackingConfig, run_dir: Path) -> Optional[str]:
     Returns a warning when it cannot and tracking.on_unreachable=warn (the caller then trains without MLflow);
     raises UserError when it is 'fail'. Only http(s) URIs are probed, with a plain TCP connect, because MLflow's
     own client retries for minutes before it gives up."""
-    import socket
-    from urllib.parse import urlparse
-
     if not cfg.enabled:
         return None
     uri = tracking_uri(cfg, run_dir)

@@ -35,6 +35,7 @@ def eval_data_config(ckpt: Checkpoint, source: str, tokenizer_spec: Optional[str
 def evaluate(ckpt: Checkpoint, source: str, *, max_samples: Optional[int] = None, batch_size: int = 8,
              tokenizer_spec: Optional[str] = None, text_field: Optional[str] = None,
              text_split: Optional[str] = None, device: Optional[str] = None) -> EvalResult:
+    # torch: only when evaluating; the tools' modules import without it
     import torch
     import torch.nn.functional as F
 

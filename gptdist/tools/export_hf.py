@@ -8,6 +8,7 @@ building one would first random-initialize a second full copy of the model only 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, Optional
@@ -21,8 +22,6 @@ WEIGHTS = "model.safetensors"
 def refuse_unsafe_target(out: Path, source: Path, force: bool) -> None:
     """--force empties OUT_DIR: never a folder holding the checkpoint being exported, nor one inside it, nor the
     working directory, $HOME or the root (a slip of the argument would delete far more than a model)."""
-    import os
-
     target = out.resolve()
     src = source.resolve()
     if target == src or target in src.parents:
@@ -53,6 +52,7 @@ def prepare_out_dir(out: Path, force: bool, source: Optional[Path] = None) -> No
 
 def hf_state_dict(ckpt: Checkpoint) -> Dict:
     """GPT2LMHeadModel's tensors for the checkpoint; a tied head is left out, as save_pretrained does."""
+    # torch: model.hf imports torch; only when exporting
     from gptdist.model.hf import to_hf_gpt2_state_dict
 
     model = ckpt.model(device="cpu")
@@ -67,6 +67,7 @@ def hf_state_dict(ckpt: Checkpoint) -> Dict:
 
 
 def export_hf(ckpt: Checkpoint, out: Path, *, force: bool = False, tokenizer_spec: str | None = None) -> Path:
+    # torch: safetensors.torch and model.hf import torch; only when exporting
     from safetensors.torch import save_file
 
     from gptdist.model.hf import hf_config_from

@@ -44,6 +44,7 @@ class Generation:
 
 def generate_text(ckpt: Checkpoint, prompt: str, max_new_tokens: int, sampling: Sampling,
                   tokenizer_spec: Optional[str] = None, device: Optional[str] = None) -> Generation:
+    # torch: only when generating; the tools' modules import without it
     import torch
 
     from gptdist.model import generate

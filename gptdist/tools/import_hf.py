@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from gptdist.checkpoint.checkpointer import FORMAT
 from gptdist.checkpoint.layout_free import build_index, tensor_key
 from gptdist.checkpoint.manifest import (
@@ -26,9 +28,13 @@ from gptdist.checkpoint.manifest import (
     write_durably,
     write_manifest,
 )
-from gptdist.checkpoint.safetensors_io import write_safetensors
+from gptdist.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from gptdist.checkpoint.store import checkpoint_root, list_checkpoints, tag_for
+from gptdist.config import RunConfig, load_config
+from gptdist.data import load_tokenizer
 from gptdist.errors import UserError
+from gptdist.model import GPT
+from gptdist.model.hf import config_from_hf, load_hf_gpt2_state_dict
 
 _TAG = re.compile(r"^step_\d{8,}$")
 # The recipe's value wins for these: they do not change what the weights compute, and `gptdist train` compares
@@ -41,6 +47,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
 
 
 def read_hf_config(hf_dir: Path):
+    # transformers: slow to import, only when a Hugging Face config is read
     from transformers import GPT2Config
 
     path = hf_dir / "config.json"
@@ -65,10 +72,6 @@ def pickle_loading_is_safe(torch_version: str) -> bool:
 
 def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
     """The state dict from model.safetensors, pytorch_model.bin, or their sharded *.index.json forms."""
-    import torch
-
-    from gptdist.checkpoint.safetensors_io import SafetensorsFile
-
     def load(path: Path) -> Dict[str, Any]:
         if path.suffix == ".safetensors":
             # gptdist's reader: the header is checked against the file's size before any tensor is allocated.
@@ -102,9 +105,6 @@ def read_hf_weights(hf_dir: Path) -> Dict[str, Any]:
 
 def build_run_config(hf_cfg, hf_dir: Path, recipe: Optional[str], overrides: Sequence[str]):
     """Recipe + overrides, with model.* from the HF config; a shape the recipe states differently is an error."""
-    from gptdist.config import RunConfig, load_config
-    from gptdist.model.hf import config_from_hf
-
     where = recipe or "the overrides"
     cfg = load_config(recipe, overrides)
     try:
@@ -174,10 +174,6 @@ def write_weights(model, folder: Path) -> None:
 
 def import_hf(hf_dir: Path, out: Path, recipe: Optional[str] = None, overrides: Sequence[str] = (),
               force: bool = False) -> Path:
-    from gptdist.data import load_tokenizer
-    from gptdist.model import GPT
-    from gptdist.model.hf import load_hf_gpt2_state_dict
-
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir}: no such directory; import-hf reads a local GPT-2 directory (never downloads)")
     hf_cfg = read_hf_config(hf_dir)

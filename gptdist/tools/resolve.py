@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 from gptdist.checkpoint.locate import first_verified, named_candidates, verify_for_reading
 from gptdist.checkpoint.manifest import STATE_FILE
 from gptdist.checkpoint.store import read_state
+from gptdist.config import RunConfig
+from gptdist.data import load_tokenizer
 from gptdist.errors import UserError
 
 INDEX = Path("model") / "index.json"
@@ -52,8 +54,6 @@ class Checkpoint:
         """The tokenizer the model was trained with: the run config's data.tokenizer (relative paths resolve from
         the current directory, as in training) or `spec`; either must be the very tokenizer the checkpoint
         recorded, since other ids would make the model's output meaningless."""
-        from gptdist.data import load_tokenizer
-
         spec = spec or self.cfg.data.tokenizer
         key = "--tokenizer" if spec != self.cfg.data.tokenizer else f"{self.folder / STATE_FILE}: config data.tokenizer"
         if spec.strip().lower() != "gpt2" and not Path(spec).expanduser().exists():
@@ -69,6 +69,7 @@ class Checkpoint:
 
     def model(self, device: Optional[str] = None):
         """The plain GPT in eval mode with the checkpoint's fp32 weights, on `device` (default: cuda if any)."""
+        # torch: only when the model is built; the tokenizer and config are read without it
         import torch
 
         from gptdist.checkpoint.layout_free import LayoutFreeReader
@@ -84,6 +85,7 @@ class Checkpoint:
             raise UserError(f"{self.folder / INDEX}: weights do not fit the checkpoint's model config "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if self.cfg.model.pos_embedding == "sinusoidal":  # a non-persistent buffer: rebuild it, it is not saved
+            # torch: model.embedding imports torch; only for sinusoidal positions
             from gptdist.model.embedding import sinusoidal_positions
 
             model.embed.pos_table = sinusoidal_positions(self.cfg.model.seq_len, self.cfg.model.d_model)
@@ -91,8 +93,6 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    from gptdist.config import RunConfig
-
     folder = find_checkpoint(Path(path))
     state = read_state(folder)
     try:

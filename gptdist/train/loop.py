@@ -1,7 +1,14 @@
 """One rank of a training run: build it (train/run.py), run its optimizer steps, end it (train/outcome.py).
 
-Every object a step touches is named in `run_steps`: the stepper (one optimizer step), the telemetry (what rank 0
-reports; silent elsewhere), the validator, the checkpointer and the stop request.
+Every object a step touches is named in `run_steps`, all of them built by train/run.py:
+* `stepper` (train/stepper.py): one optimizer step (lr, loss kept on the device, grad norm, fault drills);
+* `telemetry` (telemetry/telemetry.py): what rank 0 reports (progress bar, metrics.jsonl, MLflow, memory report,
+  profiler); silent elsewhere;
+* `times` (telemetry/step_times.py, a StepTimes): where each step's time goes, lap by lap; telemetry writes it;
+* `validator` (train/validation.py): held-out loss when due, scored on `run.engine`, the DeepSpeed engine;
+* `checkpointer` (checkpoint/checkpointer.py): a save when due, the save in flight completed;
+* `stop` (train/stop.py): a stop signal agreed across ranks, on `run.engine.device`;
+* the outcome (train/outcome.py) each way out returns, with `run.cfg`'s limits and `run.run_dir` in its message.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ def train(cfg: RunConfig) -> int:
     taken over by another job."""
     run = build_run(cfg)
     try:
-        ending = run_steps(run)
+        result = run_steps(run)
     except BaseException:
         run.checkpointer.abandon()  # no collective is possible now: say what the save in flight will not be
         run.lock.release()
         raise
-    return outcome.tear_down(ending, run)
+    return outcome.tear_down(result, run)
 
 
 def run_steps(run: Run) -> Outcome:

@@ -89,23 +89,24 @@ def lock_lost(step: int, why: str) -> Outcome:
     return Outcome("lock lost", step, f"stopping at step {step}: {why}")
 
 
-def unsaved(ending: Outcome, problem: str, run_dir: Path) -> Outcome:
+def unsaved(result: Outcome, problem: str, run_dir: Path) -> Outcome:
     """A run that finished or stopped, but whose last checkpoint was not written: its work since the newest complete
     checkpoint would be lost, so it must not count as done."""
-    return Outcome("not saved", ending.step, f"the checkpoint of step {ending.step} that ends this run was not saved "
+    return Outcome("not saved", result.step, f"the checkpoint of step {result.step} that ends this run was not saved "
                    f"({problem}); the run is not complete: run it again and it resumes from the newest complete "
-                   f"checkpoint in {run_dir / 'checkpoints'}", ending.signal)
+                   f"checkpoint in {run_dir / 'checkpoints'}", result.signal)
 
 
-def tear_down(ending: Outcome, run) -> int:
+def tear_down(result: Outcome, run) -> int:
     """Every rank, whatever the outcome (run: train.run.Run). Returns the exit status."""
+    # torch: only at teardown; this module imports without it
     import torch.distributed as dist
 
     run.feed.close()
     last = run.checkpointer.close()
-    if ending.kind in ("finished", "stopped") and last is not None and last.step == ending.step and not last.ok:
-        ending = unsaved(ending, last.problem or "unknown", run.run_dir)
-    run.telemetry.close(ending)
+    if result.kind in ("finished", "stopped") and last is not None and last.step == result.step and not last.ok:
+        result = unsaved(result, last.problem or "unknown", run.run_dir)
+    run.telemetry.close(result)
     run.lock.release()
     dist.barrier()
-    return ending.exit_code
+    return result.exit_code

@@ -19,14 +19,22 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from gptdist.checkpoint.manifest import LATEST
+from gptdist.checkpoint.resume import plan_resume
+from gptdist.checkpoint.store import checkpoint_root
 from gptdist.config import RunConfig
+from gptdist.data import check_data
+from gptdist.data.held_out import check_source
+from gptdist.engine.ds_config import build_ds_config, resolve_precision
 from gptdist.errors import UserError
 from gptdist.parallel.layout import Layout
 from gptdist.telemetry.metrics_file import read_metrics
+from gptdist.telemetry.tracking import preflight as tracking_preflight
 from gptdist.train.drills import parse_drills
 from gptdist.train.outcome import clear_records
 from gptdist.train.run_lock import RunLock
@@ -45,9 +53,6 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
               take_lock: bool = False) -> Preflight:
     """report: where warnings about skipped (damaged or incomplete) checkpoints go. take_lock: rank 0 of a training
     run takes run.dir's lock, last, once nothing else can refuse the run."""
-    from gptdist.checkpoint.resume import plan_resume
-    from gptdist.data import check_data
-
     layout = Layout.resolve(cfg, world_size)
     check_writable(Path(cfg.run.dir), "run.dir")
     check_checkpoint_folder(Path(cfg.run.dir))
@@ -62,15 +67,11 @@ def preflight(cfg: RunConfig, world_size: int, report: Callable[[str], None], *,
     check_deepspeed_config(cfg, layout)
     tokenizer = check_data(cfg.data, cfg.model.vocab_size)
     if cfg.eval.source is not None:
-        from gptdist.data.held_out import check_source
-
         src = cfg.eval.source
         check_source(src, cfg.data.tokenizer, src.text_field or cfg.data.text_field, cfg.data.text_split, "eval.data")
     candidates = plan_resume(cfg, tokenizer.identity, report)
     warning = None
     if probe_tracking:
-        from gptdist.telemetry.tracking import preflight as tracking_preflight
-
         warning = tracking_preflight(cfg.tracking, Path(cfg.run.dir))
     parse_drills(os.environ.get("GPTDIST_FAULTS", ""))
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
@@ -91,8 +92,6 @@ def check_writable(path: Path, key: str) -> None:
     """A folder the run will write into can be: it is a folder (or can be made one) and a file can be created in it.
     Proved with a temporary file (or, where the folder does not exist yet, a temporary folder beside it), removed at
     once: the folder itself is left as it was."""
-    import tempfile
-
     where = f"{key}={str(path)[:120]}"
     try:
         path.exists()
@@ -124,9 +123,6 @@ def check_writable(path: Path, key: str) -> None:
 def check_checkpoint_folder(run_dir: Path) -> None:
     """What a disk can leave where saves go: RUN_DIR/checkpoints a file, or its `latest` a folder, would let the run
     train and then fail every save."""
-    from gptdist.checkpoint.manifest import LATEST
-    from gptdist.checkpoint.store import checkpoint_root
-
     root = checkpoint_root(run_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root} is a file where run.dir keeps its checkpoints folder; move it away or choose "
@@ -143,9 +139,8 @@ def check_precision(cfg: RunConfig) -> None:
     """fp16 needs a GPU (DeepSpeed refuses it on CPU); auto, fp32 and bf16 run anywhere."""
     if cfg.train.precision != "fp16":
         return
+    # torch: only for fp16; `gptdist check` starts without it
     import torch
-
-    from gptdist.engine.ds_config import resolve_precision
 
     resolve_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -156,7 +151,6 @@ def check_deepspeed_config(cfg: RunConfig, layout: Layout) -> None:
     imported here."""
     if not cfg.train.deepspeed_config:
         return
-    from gptdist.engine.ds_config import build_ds_config
 
     path = cfg.train.deepspeed_config
     ds = build_ds_config(cfg, layout, "fp32" if cfg.train.precision == "auto" else cfg.train.precision)
@@ -174,6 +168,7 @@ def check_deepspeed_config(cfg: RunConfig, layout: Layout) -> None:
     # is given the batch arithmetic of one data-parallel rank (checked above for the real one).
     one_rank = dict(ds, train_batch_size=layout.micro_batch_size * layout.grad_accum)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # deepspeed: slow to import, only for the DeepSpeed config check
         from deepspeed.runtime.config import DeepSpeedConfig
 
         try:

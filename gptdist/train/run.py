@@ -107,7 +107,8 @@ def _build(cfg: RunConfig, world, log: RankZeroLog, checked) -> Run:
     checkpointer.keep_state_of(feed, rank, telemetry)
     checkpointer.on_record = telemetry.record_checkpoint
     memory.host_buffers["checkpoint_snapshot"] = lambda: checkpointer.snapshot_bytes
-    telemetry.times = StepTimes(lambda: feed.wait_s, checkpointer.start_step)
+    times = StepTimes(lambda: feed.wait_s, checkpointer.start_step)
+    telemetry.report_step_times(times)
     engine.train()
     return Run(cfg, rank, engine, Stepper(engine, step_fn, feed.batches, drills), feed, telemetry, validator,
-               checkpointer, StopRequest(world.size, lambda: checked.lock.lost), checked.lock, telemetry.times)
+               checkpointer, StopRequest(world.size, lambda: checked.lock.lost), checked.lock, times)

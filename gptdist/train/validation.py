@@ -19,6 +19,7 @@ import math
 from typing import List, Tuple
 
 import torch
+import torch.distributed as dist
 
 from gptdist.data.held_out import held_out_config, spread_windows
 
@@ -72,8 +73,6 @@ class Validator:
     @torch.no_grad()
     def run(self, engine) -> Tuple[float, int]:
         """Collective: every rank calls it. Returns (mean loss, windows scored), the same on every rank."""
-        import torch.distributed as dist
-
         batches = self.batches
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x tokens, tokens)
         if self.layout.pp == 1:

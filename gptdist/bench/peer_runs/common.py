@@ -27,6 +27,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def gpt2(args):
     """transformers' GPT-2 with gptdist's recipe shape: no dropout, tied head, GELU (tanh), pre-LayerNorm."""
+    # transformers: only the scripts that build a model load it
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.d_model, vocab_size=args.vocab,
@@ -37,6 +38,7 @@ def gpt2(args):
 
 def random_tokens(args, rank: int, count: int):
     """`count` sequences of uniform random tokens, a different stream per rank."""
+    # torch: only the scripts that make tokens load it
     import torch
 
     gen = torch.Generator().manual_seed(args.seed + rank)

@@ -18,6 +18,7 @@ from common import StepClock, gpt2, parse_args, random_tokens
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    # deepspeed, torch: loaded after the arguments parse, so a bad command line fails fast
     import deepspeed
     import torch
 

@@ -24,6 +24,7 @@ from common import StepClock, gpt2, parse_args, random_tokens
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    # torch, transformers: loaded after the arguments parse, so a bad command line fails fast
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 

@@ -5,7 +5,7 @@ the sum of every rank's part. A replicated parameter (LayerNorm, position table,
 has the same full gradient on every rank, so it must be counted once, on tp rank 0, not tp times.
 Clipping with a norm computed per rank would scale the ranks' updates differently and let the
 replicated copies drift apart. DeepSpeed applies this same rule (given an `mpu`, through the
-`tensor_model_parallel` attribute set by tp_shard.tag); this is the reference for checking it.
+`tensor_model_parallel` attribute set by shard.tag); this is the reference for checking it.
 """
 
 from __future__ import annotations

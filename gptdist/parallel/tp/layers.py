@@ -8,7 +8,7 @@ sums the partial products.
 
 Parameters are created zero-filled (or on the meta device); `load_full` fills them with this
 rank's piece of the full tensor, which every rank must pass identically. The vocabulary-parallel
-loss and LM head live in tp_head.py and are re-exported here.
+loss and LM head live in head.py and are re-exported here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Layout-free checkpoints and Hugging Face export need parameters under their canonical GPT names
 (`blocks.0.attn.qkv.weight`, no wrapper prefixes) with their full shapes, whatever tp the run used.
-Each parameter's split is read from the module that owns it (see tp_shard.py), so this works on a
+Each parameter's split is read from the module that owns it (see shard.py), so this works on a
 model wrapped by DeepSpeed or torch.compile as well.
 """
 
@@ -35,7 +35,7 @@ def full_parameter_name_map(model: nn.Module) -> Dict[str, str]:
 
 def parameter_partitions(model: nn.Module) -> Dict[str, Partition]:
     """Canonical name -> Partition(dim, stride) for every state_dict entry (dim None: replicated).
-    With the shards of all ranks, `tp_shard.unshard` rebuilds a tensor offline, no process group needed."""
+    With the shards of all ranks, `shard.unshard` rebuilds a tensor offline, no process group needed."""
     return {canonical_name(key): part for key, (_, part) in _entries(model).items()}
 
 

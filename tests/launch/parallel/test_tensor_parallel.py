@@ -1,4 +1,4 @@
-"""Tensor parallelism (gptdist.parallel.tp_*): every sharded piece equals its single-rank counterpart.
+"""Tensor parallelism (gptdist.parallel.tp): every sharded piece equals its single-rank counterpart.
 
 Multi-rank checks run in spawned processes over gloo on 127.0.0.1. Each rank computes the unsharded
 reference itself (same seed everywhere), so it can compare its own shard with the matching slice of

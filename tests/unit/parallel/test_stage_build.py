@@ -19,7 +19,7 @@ from gptdist.parallel.pipeline import BlockLayer, FinalNormLayer, PositionLayer,
 from gptdist.parallel.tp.shard import Partition, shard
 
 CFG = GPTConfig(n_layer=3, n_head=4, d_model=32, vocab_size=96, seq_len=16)
-PARTITIONS = {  # how the tensor-parallel plan splits each kind of parameter (tp_plan.py)
+PARTITIONS = {  # how the tensor-parallel plan splits each kind of parameter (parallel/tp/plan.py)
     "attn.qkv.weight": Partition(0, 3), "attn.qkv.bias": Partition(0, 3),
     "attn.proj.weight": Partition(1, 1), "mlp.fc1.weight": Partition(0, 1), "mlp.fc1.bias": Partition(0, 1),
     "mlp.fc2.weight": Partition(1, 1), "embed.wte.weight": Partition(0, 1),
