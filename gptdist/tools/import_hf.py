@@ -64,8 +64,6 @@ def read_hf_config(hf_dir: Path):
 
 def pickle_loading_is_safe(torch_version: str) -> bool:
     """torch.load(weights_only=True) refuses code only from torch 2.6 on (CVE-2025-32434 in <= 2.5.1)."""
-    import re
-
     found = re.match(r"(\d+)\.(\d+)", torch_version)
     return found is not None and (int(found.group(1)), int(found.group(2))) >= (2, 6)
 
