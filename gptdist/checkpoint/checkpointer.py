@@ -32,7 +32,14 @@ from gptdist.checkpoint.layout_free import LayoutFreeReader
 from gptdist.checkpoint.locate import first_verified
 from gptdist.checkpoint.resume import same_layout
 from gptdist.checkpoint.safetensors_io import SafetensorsFile
-from gptdist.checkpoint.saving import BackgroundWrite, SnapshotBuffers, WriteResult, commit, take_snapshot
+from gptdist.checkpoint.saving import (
+    BackgroundRemoval,
+    BackgroundWrite,
+    SnapshotBuffers,
+    WriteResult,
+    commit,
+    take_snapshot,
+)
 from gptdist.checkpoint.store import checkpoint_root, partial_folder, read_state, storage_problem, verify_checksums
 from gptdist.config import config_changes
 
@@ -71,6 +78,7 @@ class Checkpointer:
         self._engine = self._param_names = None
         self._buffers = SnapshotBuffers()
         self._in_flight: Optional[BackgroundWrite] = None
+        self._removal = BackgroundRemoval()  # rank 0's deletion of pruned checkpoints
         self._state_in_flight: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ resume
@@ -148,12 +156,19 @@ class Checkpointer:
         self._finish()  # one save in flight at a time
         start = time.perf_counter()
         world = self.rank.world
-        problem = (self.disowned() if world.is_main else None) or storage_problem(self.root, world.rank)
+        folder = partial_folder(self.root, step)
+        if self._removal.deleting(folder):
+            self._removal.wait()  # a leftover of this step's name is being deleted: never write into it
+        problem = self._storage_problem()
+        if _any_rank(bool(problem)) and _any_rank(self._removal.wait()):  # the decision taken together
+            # Rank 0 was still deleting a pruned checkpoint: the room may be what that deletion frees. Once more.
+            if world.size > 1:
+                dist.barrier()
+            problem = self._storage_problem()
         if _any_rank(bool(problem)):
             self._failed(SaveRecord(step, False, 0.0, 0.0, 0,
                                     problem or "another rank cannot write its part of the checkpoint"))
             return False
-        folder = partial_folder(self.root, step)
         if world.is_main and folder.exists():
             shutil.rmtree(folder)  # an earlier attempt's interrupted save of the same step
         if world.size > 1:
@@ -170,6 +185,10 @@ class Checkpointer:
             self._in_flight = write.run_here()
             self._finish(sync_start=start)
         return True
+
+    def _storage_problem(self) -> Optional[str]:
+        world = self.rank.world
+        return (self.disowned() if world.is_main else None) or storage_problem(self.root, world.rank)
 
     def _state(self, step: int) -> Dict[str, Any]:
         # What the checkpointer owns itself: the format, the step, the config it saves under and the optimizer's
@@ -200,8 +219,8 @@ class Checkpointer:
         step = write.snapshot.step
         problem = None
         if self.rank.world.is_main:
-            problem = self.disowned() or commit(self.root, step, results, self.rank.layout.tp, self._state_in_flight,
-                             self.cfg.checkpoint.keep)
+            problem = self.disowned() or commit(self.root, step, results, self.rank.layout.tp,
+                                                self._state_in_flight, self.cfg.checkpoint.keep, self._removal)
         problem = _from_main(problem, self.rank.world.size)
         seal = time.perf_counter() - seal_start  # rank 0's: the seal's time, which the other ranks waited for
         blocking = max(r.blocking_s for r in results)
@@ -238,6 +257,7 @@ class Checkpointer:
     def close(self) -> Optional[SaveRecord]:
         """Collective, at the end of a run: the save in flight completed. Returns the last save's record."""
         self._finish(training=False)
+        self._removal.wait()
         return self.last
 
     def abandon(self, timeout_s: float = 120.0) -> None:

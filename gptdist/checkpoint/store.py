@@ -9,6 +9,7 @@
                                       the optimizer's counters
         manifest.json                 the file set: every file with its size and SHA-256, written last
       step_00000200.partial/          a save being written (or one a crash interrupted): never read
+      step_00000050.pruned/           an old checkpoint being deleted after a newer one was sealed: never read
       latest                          the newest complete checkpoint's name, moved after its manifest
 
 A save is written into `step_N.partial/` and renamed to `step_N/` once its manifest is durable, so a folder named
@@ -19,6 +20,7 @@ is reported and skipped). Older checkpoints are pruned only after the new one is
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,7 +36,9 @@ from gptdist.checkpoint.manifest import (
 from gptdist.errors import UserError
 
 _TAG = re.compile(r"^step_(\d{8,})$")
-_PARTIAL = re.compile(r"^step_(\d{8,})\.(partial|replaced)$")
+# Names nothing reads: a save being written or interrupted, a checkpoint moved aside by a save of the same step, one
+# being deleted by pruning.
+_PARTIAL = re.compile(r"^step_(\d{8,})\.(partial|replaced|pruned)$")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -163,22 +167,36 @@ def storage_problem(root: Path, rank: int) -> Optional[str]:
     return None
 
 
-def prune(root: Path, keep: int, saved: int) -> None:
+def remove_now(folders: List[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune(root: Path, keep: int, saved: int, remove: Callable[[List[Path]], None] = remove_now) -> None:
     """Rank 0, right after the save of step `saved` became a complete checkpoint (no other save is in flight): keep
     it and the newest `keep` - 1 complete checkpoints before it; drop older ones and every interrupted save.
 
     Checkpoints newer than `saved` are neither counted nor removed: they exist only when this run resumed from an
     older one because they failed verification (a damaged newest checkpoint must never cost the one just written, and
-    it stays for whoever wants to look at it)."""
+    it stays for whoever wants to look at it).
+
+    A checkpoint to drop is first renamed to step_N.pruned (one rename: from then on nothing reads it), then `remove`
+    deletes the folders, which may take a while for a large checkpoint on a network file system: the Checkpointer
+    hands them to a thread. A deletion cut short by a kill is finished by the next prune."""
     found = list_checkpoints(root)
     older = [step for step, folder in found if step < saved and read_manifest(folder) is not None]
     kept = {saved, *older[:max(1, keep) - 1]}
     for step, folder in found:
         if step < saved and step not in kept:
-            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(folder, folder.with_name(folder.name + ".pruned"))
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+    doomed = []
     for leftover in root.iterdir():
         m = _PARTIAL.match(leftover.name)
         # Any .partial is a save that never completed (this one was renamed); a .replaced newer than `saved` is
         # left alone, since a kill between the two renames of _rename_into_place may have left it the only copy.
-        if m and (m.group(2) == "partial" or int(m.group(1)) <= saved):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if m and (m.group(2) != "replaced" or int(m.group(1)) <= saved):
+            doomed.append(leftover)
+    remove(sorted(doomed))

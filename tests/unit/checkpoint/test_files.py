@@ -9,6 +9,7 @@ import torch
 from gptdist.checkpoint.layout_free import build_index, tensor_key
 from gptdist.checkpoint.manifest import MANIFEST, checksum_problems, describe, list_files, write_manifest
 from gptdist.checkpoint.safetensors_io import write_safetensors
+from gptdist.checkpoint.saving import BackgroundRemoval
 from gptdist.checkpoint.store import prune, resume_candidates
 from gptdist.errors import UserError
 
@@ -108,3 +109,31 @@ def test_prune_never_costs_the_new_checkpoint_for_a_newer_damaged_one(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000110", "step_00000200"]
     prune(root, keep=3, saved=110)
     assert (root / "step_00000110").is_dir()
+
+
+def test_prune_sets_old_checkpoints_aside_at_once_and_hands_them_over_for_deletion(tmp_path):
+    """Pruning renames what it drops (nothing reads step_N.pruned) and leaves the deletion to `remove`, which the
+    Checkpointer runs in a thread; a deletion a kill cut short (a .pruned folder) is handed over again next time."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        _checkpoint(root, step)
+    (root / "step_00000005.pruned").mkdir()
+    handed = []
+    prune(root, keep=1, saved=30, remove=handed.extend)
+    assert [p.name for p in handed] == ["step_00000005.pruned", "step_00000010.pruned", "step_00000020.pruned"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000005.pruned", "step_00000010.pruned",
+                                                      "step_00000020.pruned", "step_00000030"]
+    assert resume_candidates(root, lambda m: None)[0].name == "step_00000030"
+
+
+def test_background_removal_deletes_in_a_thread_and_says_what_it_is_deleting(tmp_path):
+    folders = [tmp_path / f"step_{s:08d}.pruned" for s in (1, 2)]
+    for folder in folders:
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "rank00000.safetensors").write_bytes(b"x" * 1000)
+    removal = BackgroundRemoval()
+    assert removal.wait() is False  # nothing under way
+    removal(folders)
+    assert removal.deleting(folders[0]) and not removal.deleting(tmp_path / "step_00000003.partial")
+    assert removal.wait() is True and not any(f.exists() for f in folders)
+    assert not removal.deleting(folders[0]) and removal.wait() is False
