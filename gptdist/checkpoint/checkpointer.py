@@ -160,12 +160,14 @@ class Checkpointer:
         if self._removal.deleting(folder):
             self._removal.wait()  # a leftover of this step's name is being deleted: never write into it
         problem = self._storage_problem()
-        if _any_rank(bool(problem)) and _any_rank(self._removal.wait()):  # the decision taken together
+        failed = _any_rank(bool(problem))
+        if failed and _any_rank(self._removal.wait()):  # the decision taken together
             # Rank 0 was still deleting a pruned checkpoint: the room may be what that deletion frees. Once more.
             if world.size > 1:
                 dist.barrier()
             problem = self._storage_problem()
-        if _any_rank(bool(problem)):
+            failed = _any_rank(bool(problem))
+        if failed:
             self._failed(SaveRecord(step, False, 0.0, 0.0, 0,
                                     problem or "another rank cannot write its part of the checkpoint"))
             return False
