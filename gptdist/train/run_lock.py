@@ -2,7 +2,8 @@
 
 Two jobs writing one run directory would prune each other's checkpoints and interleave their metrics. The lock
 names its holder (host, process id and start time, the job) and carries a lease that the holder renews every
-RENEW_S seconds. Another job (another Slurm job id, or another launch) is refused before any process group exists,
+RENEW_S seconds by touching the lock file's time (the lease runs LEASE_S from the later of the record's lease_until
+and that time). Another job (another Slurm job id, or another launch) is refused before any process group exists,
 with one line naming the holder. A lock whose holder is gone is taken over with a warning: on the same host when
 its process no longer exists (or is another process with the same id), on any host when its lease has expired.
 A requeued Slurm job (the same job id) takes its own lock back at once.
@@ -12,8 +13,11 @@ where the name exists, so of two jobs starting together exactly one holds it. A 
 taker succeeds); the taker keeps going only if what it moved is what it judged stale, and every taker re-reads the lock
 after linking to confirm it holds it. Each record carries a random token, so "is this still mine" is an exact test.
 
-A holder whose renewal finds another job's record in the lock (this process was stopped past its lease and the lock
-was taken over) records that it lost it (`lost`): the checkpointer then neither saves nor prunes, and the run stops at
+Renewing never writes the record again: the holder checks that the lock's name still leads to the very file it
+linked (device and inode) and touches that file's time. A renewal racing a take-over can at worst extend the new
+holder's lease by one touch; it never replaces the new holder's record. A holder whose renewal finds another file
+under the lock's name (this process was stopped past its lease and the lock was taken over) records that it lost it
+(`lost`): the checkpointer then neither saves nor prunes, and the run stops at
 its next step with one line naming the new holder.
 
 Only rank 0 takes the lock; the launcher stops the other ranks when rank 0 exits. `gptdist check` reads it and
@@ -29,7 +33,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from gptdist.errors import UserError
 
@@ -74,14 +78,20 @@ class RunLock:
         self.job = job_identity(os.environ if env is None else env)
         self.mine: Optional[Dict] = None
         self.lost_to: Optional[Dict] = None  # the record of the job that took the lock over while this one held it
+        self._file: Optional[Tuple[int, int]] = None  # (device, inode) of the lock file this job linked
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def _raw(self) -> Optional[bytes]:
+        return self._read()[0]
+
+    def _read(self) -> Tuple[Optional[bytes], Optional[float]]:
+        """The lock's bytes and its file's time (when its holder last renewed the lease), read from one open file."""
         try:
-            return self.path.read_bytes()
+            with open(self.path, "rb") as fh:
+                return fh.read(), os.fstat(fh.fileno()).st_mtime
         except FileNotFoundError:
-            return None
+            return None, None
 
     @staticmethod
     def _parse(raw: Optional[bytes]) -> Optional[Dict]:
@@ -93,9 +103,15 @@ class RunLock:
 
     def holder(self) -> Optional[Dict]:
         try:
-            return self._parse(self._raw())
+            return self._with_renewal(*self._read())
         except OSError:
             return None
+
+    def _with_renewal(self, raw: Optional[bytes], renewed: Optional[float]) -> Optional[Dict]:
+        holder = self._parse(raw)
+        if holder is not None and renewed is not None:
+            holder["renewed"] = renewed  # not in the file: its time, which the holder's renewals move on
+        return holder
 
     def stale_because(self, holder: Dict) -> Optional[str]:
         """Why the holder no longer holds the run directory, or None while it does."""
@@ -105,8 +121,8 @@ class RunLock:
             started = _start_time(int(holder.get("pid", -1))) if str(holder.get("pid", "")).isdigit() else None
             if started is None or started != holder.get("started"):
                 return f"process {holder.get('pid')} on this host is gone"
-        lease = holder.get("lease_until")
-        if not isinstance(lease, (int, float)) or lease < time.time():
+        leases = [holder.get("lease_until"), holder.get("renewed", 0) + LEASE_S]
+        if max(x for x in leases if isinstance(x, (int, float))) < time.time():
             return "its lease expired"
         return None
 
@@ -148,13 +164,15 @@ class RunLock:
                 try:
                     os.link(tmp, self.path)
                 except FileExistsError:
-                    raw = self._raw()
+                    raw, renewed = self._read()
                     if raw is None:
                         continue  # moved aside meanwhile: try again
-                    self._refuse_if_live(self._parse(raw))
+                    self._refuse_if_live(self._with_renewal(raw, renewed))
                     self._move_aside(raw)
                     continue
+                linked = os.stat(tmp)
                 if self._holds():
+                    self._file = (linked.st_dev, linked.st_ino)
                     return
                 self._refuse_if_live(self.holder())  # another taker's record replaced this one
             raise UserError(f"could not take {self.path}: other jobs keep taking it; start one job per run.dir")
@@ -193,27 +211,38 @@ class RunLock:
             self.renew()
 
     def renew(self) -> None:
-        """Extend the lease (the renewal thread, every RENEW_S). Finding another job's record instead of this one's
-        (this process was stopped past its lease and the lock taken over) marks the lock lost."""
+        """Extend the lease (the renewal thread, every RENEW_S) by touching the lock file's time, once the lock's name
+        is seen to lead to the file this job linked. Another file there (this process was stopped past its lease and
+        the lock taken over) marks the lock lost; the file is never written again, so a renewal cannot replace the
+        record of a job that has just taken over."""
         if self.mine is None or self.lost_to is not None:
             return
         try:
-            holder = self.holder()
-            if holder is None:  # removed by hand: take it back, unless another job got there first
+            found = self._identity()
+            if found is None:  # removed by hand: take it back, unless another job got there first
                 tmp = self._record_file()
                 try:
                     os.link(tmp, self.path)
+                    linked = os.stat(tmp)
+                    self._file = (linked.st_dev, linked.st_ino)
                 except FileExistsError:
                     pass
                 finally:
                     tmp.unlink(missing_ok=True)
-                holder = self.holder()
-            if holder is None or holder.get("token") != self.mine["token"]:
-                self.lost_to = holder or {"job": "an unreadable lock"}
+                found = self._identity()
+            if found is None or found != self._file:
+                self.lost_to = self.holder() or {"job": "an unreadable lock"}
                 return
-            os.replace(self._record_file(), self.path)
+            os.utime(self.path)  # if a take-over lands between the check and this, it extends the new lease once
         except OSError:
-            pass  # a full disk: the lease lapses only if this goes on for LEASE_S
+            pass  # a full disk or a hiccup of a shared file system: the lease lapses only if this goes on for LEASE_S
+
+    def _identity(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     @property
     def lost(self) -> Optional[str]:
@@ -230,6 +259,6 @@ class RunLock:
         self._stop.set()
         if self.mine is None:
             return
-        if self._holds():
+        if self.lost_to is None and self._file is not None and self._identity() == self._file:
             self.path.unlink(missing_ok=True)
         self.mine = None

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from gptdist.errors import UserError
-from gptdist.train.run_lock import LOCK_FILE, RunLock, job_identity
+from gptdist.train.run_lock import LEASE_S, LOCK_FILE, RunLock, job_identity
 
 
 def _plant(run_dir, **fields):
@@ -23,6 +23,8 @@ def _plant(run_dir, **fields):
     holder = {"job": "slurm job 77", "host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
               "lease_until": time.time() + 600, **fields}
     (run_dir / LOCK_FILE).write_text(json.dumps(holder))
+    renewed = min(time.time(), holder["lease_until"] - LEASE_S)  # the file's time: when its lease was last renewed
+    os.utime(run_dir / LOCK_FILE, (renewed, renewed))
     return holder
 
 
@@ -128,6 +130,7 @@ def test_a_lapsed_lease_taken_over_is_lost_and_the_checkpointer_neither_saves_no
     # As if this process were stopped past its lease: the lease lapses and another job takes the run directory.
     record = json.loads((tmp_path / LOCK_FILE).read_text())
     (tmp_path / LOCK_FILE).write_text(json.dumps(dict(record, lease_until=time.time() - 1)))
+    os.utime(tmp_path / LOCK_FILE, (time.time() - LEASE_S - 1,) * 2)
     second = RunLock(tmp_path, env={"SLURM_JOB_ID": "2"})
     second.acquire(lambda m: None)
     first.renew()
@@ -172,3 +175,24 @@ def test_a_single_node_launch_on_another_host_is_another_job(monkeypatch):
         assert identities["node-a", addr] != identities["node-b", addr] and "node-a" in identities["node-a", addr]
     # A routable rendezvous address is shared by every node of one job: the same job on each.
     assert identities["node-a", "10.1.2.3"] == identities["node-b", "10.1.2.3"] == "launch at 10.1.2.3:29500"
+
+
+def test_renewal_moves_the_lock_file_time_and_never_writes_the_record(tmp_path):
+    """The lease is renewed by touching the file this job linked, so a renewal racing a take-over can never replace
+    the new holder's record; a reader on another host takes the file's time as the renewal."""
+    lock = RunLock(tmp_path, env={"SLURM_JOB_ID": "1"})
+    lock.acquire(lambda m: None)
+    path = tmp_path / LOCK_FILE
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, host="node-elsewhere", lease_until=time.time() - 1)))  # the same file
+    os.utime(path, (time.time() - LEASE_S - 1,) * 2)  # as if the last renewal were past the lease
+    other = RunLock(tmp_path, env={"SLURM_JOB_ID": "2"})
+    assert other.stale_because(other.holder()) == "its lease expired"
+    before = path.read_bytes()
+    lock.renew()
+    assert lock.lost is None and path.read_bytes() == before
+    assert other.stale_because(other.holder()) is None
+    with pytest.raises(UserError, match="is in use by slurm job 1"):
+        other.acquire(lambda m: None)
+    lock.release()
+    assert not path.exists()
