@@ -10,8 +10,9 @@ A requeued Slurm job (the same job id) takes its own lock back at once.
 
 Taking the lock is atomic: the record is written to a file of its own and hard-linked to the lock's name, which fails
 where the name exists, so of two jobs starting together exactly one holds it. A stale lock is first renamed aside (one
-taker succeeds); the taker keeps going only if what it moved is what it judged stale, and every taker re-reads the lock
-after linking to confirm it holds it. Each record carries a random token, so "is this still mine" is an exact test.
+taker succeeds); the taker keeps going only if what it moved is what it judged stale (each record carries a random
+token, so no two records are the same bytes), and every taker confirms after linking that the lock's name leads to the
+file it linked (device and inode): the one exact test of "is this still mine", for taking, renewing and releasing.
 
 Renewing never writes the record again: the holder checks that the lock's name still leads to the very file it
 linked (device and inode) and touches that file's time. A renewal racing a take-over can at worst extend the new
@@ -157,7 +158,7 @@ class RunLock:
 
     def _take(self, attempts: int = 50) -> None:
         """Link a record of this job to the lock's name (which fails where it exists); a stale lock found there is
-        renamed aside first. Confirmed by reading the lock back."""
+        renamed aside first. Confirmed by the lock's name leading to this job's file."""
         tmp = self._record_file()
         try:
             for _ in range(attempts):
@@ -171,7 +172,7 @@ class RunLock:
                     self._move_aside(raw)
                     continue
                 linked = os.stat(tmp)
-                if self._holds():
+                if self._identity() == (linked.st_dev, linked.st_ino):  # the lock's name leads to this job's file
                     self._file = (linked.st_dev, linked.st_ino)
                     return
                 self._refuse_if_live(self.holder())  # another taker's record replaced this one
@@ -201,10 +202,6 @@ class RunLock:
         tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(record))
         return tmp
-
-    def _holds(self) -> bool:
-        holder = self.holder()
-        return holder is not None and self.mine is not None and holder.get("token") == self.mine["token"]
 
     def _renew(self) -> None:
         while self.lost_to is None and not self._stop.wait(RENEW_S):
