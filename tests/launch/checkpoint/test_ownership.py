@@ -11,7 +11,7 @@ import sys
 import time
 
 from gptdist.telemetry.metrics_file import read_metrics
-from gptdist.train.run_lock import LEASE_S, LOCK_FILE
+from gptdist.train.run_lock import LEASE_S, LOCK_FILE, RENEW_S
 from tests.helpers import ROOT, assert_ok, cpu_env, launch, train_single, write_recipe
 
 
@@ -94,3 +94,40 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, corpus, tokenizer_
     assert_ok(proc)
     assert "dropped a torn last line" in proc.stderr
     assert _losses(run) == list(range(1, 7))
+
+
+def test_a_run_whose_lock_is_taken_over_stops_without_saving_and_leaves_the_new_holder_alone(
+        tmp_path, corpus, tokenizer_path):
+    """A 2-rank job is paused, and while it is paused another job takes run.dir over the way a stale lock is taken
+    (the old lock renamed aside, a record of its own linked to the lock's name). Resumed, the job finds it out at its
+    next lease renewal (every RENEW_S) and every rank stops with exit 5 and one line naming the new holder, with no
+    final save, no run_complete.json, and the new holder's lock in place."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 100000, "log_every": 5},
+                          checkpoint={"every": 100000})
+    first = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=cpu_env({"GPUS_PER_NODE": "2"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it trained"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGSTOP)
+        lock = run / LOCK_FILE
+        os.rename(lock, run / f"{LOCK_FILE}.stale")
+        record = {"job": "slurm job 77", "host": "node-b", "pid": 4242, "started": "x", "since": time.time(),
+                  "lease_until": time.time() + LEASE_S, "token": "new-holder"}
+        (run / "new.tmp").write_text(json.dumps(record))
+        os.link(run / "new.tmp", lock)
+        os.killpg(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=RENEW_S + 120)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 5, err[-3000:]
+    line = [x for x in err.splitlines() if "was taken over by slurm job 77 (host node-b, pid 4242)" in x]
+    assert line and "stops without saving or pruning" in line[0], err[-3000:]
+    assert json.loads(lock.read_text())["token"] == "new-holder"  # never removed nor rewritten by the old job
+    assert not (run / "run_complete.json").exists()
+    assert not list(run.glob("checkpoints/step_*"))  # neither the final save nor any other

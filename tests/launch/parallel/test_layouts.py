@@ -180,9 +180,13 @@ def test_every_rank_holds_what_the_plan_predicts(grid, predictions):
             peak = report["snapshots"][f"step_{report['memory_step']}"]["peak_live_bytes"]
             assert peak == pytest.approx(want["peak_bytes"], rel=0.15), where
             # The report's own bookkeeping: at the optimizer step the live bytes the allocator counted are the
-            # model states the report found, plus at most a pipeline's activation buffers.
+            # model states the report found, plus at most a pipeline's activation buffers. Without ZeRO, DeepSpeed
+            # all-reduces a flat copy of the gradients; gloo's worker thread can hold it a moment after the
+            # all-reduce returns, so one gradient copy may still be counted then.
             snap = report["snapshots"]["optimizer_step"]
-            assert snap["model_state_bytes"] <= snap["live_bytes"] <= 1.02 * snap["model_state_bytes"] + 2**19, where
+            in_flight = sum(snap["by_kind"]["grads"].values()) if layout[2] > 1 and layout[3] == 0 else 0
+            most = 1.02 * snap["model_state_bytes"] + in_flight + 2**19
+            assert snap["model_state_bytes"] <= snap["live_bytes"] <= most, where
 
 
 @pytest.fixture(scope="module")
