@@ -122,9 +122,9 @@ def test_a_run_whose_lock_is_taken_over_stops_without_saving_and_leaves_the_new_
         os.killpg(first.pid, signal.SIGCONT)
         _, err = first.communicate(timeout=RENEW_S + 120)
     finally:
-        os.killpg(first.pid, signal.SIGCONT)
-        if first.poll() is None:
+        if first.poll() is None:  # a failure above: do not leave the job behind, paused or not
             os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
     assert first.returncode == 5, err[-3000:]
     line = [x for x in err.splitlines() if "was taken over by slurm job 77 (host node-b, pid 4242)" in x]
     assert line and "stops without saving or pruning" in line[0], err[-3000:]
