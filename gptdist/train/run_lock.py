@@ -15,8 +15,9 @@ token, so no two records are the same bytes), and every taker confirms after lin
 file it linked (device and inode): the one exact test of "is this still mine", for taking, renewing and releasing.
 
 Renewing never writes the record again: the holder checks that the lock's name still leads to the very file it
-linked (device and inode) and touches that file's time. A renewal racing a take-over can at worst extend the new
-holder's lease by one touch; it never replaces the new holder's record. A holder whose renewal finds another file
+linked (device and inode) and touches that file's time through a descriptor it keeps open on it, never by the lock's
+name. A renewal racing a take-over therefore touches only the file the take-over moved away: it neither extends the
+new holder's lease nor replaces its record. A holder whose renewal finds another file
 under the lock's name (this process was stopped past its lease and the lock was taken over) records that it lost it
 (`lost`): the checkpointer then neither saves nor prunes, and the run stops at
 its next step with one line naming the new holder.
@@ -80,6 +81,7 @@ class RunLock:
         self.mine: Optional[Dict] = None
         self.lost_to: Optional[Dict] = None  # the record of the job that took the lock over while this one held it
         self._file: Optional[Tuple[int, int]] = None  # (device, inode) of the lock file this job linked
+        self._fd: Optional[int] = None  # open on that file: renewals touch it through this, never by the lock's name
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -159,7 +161,7 @@ class RunLock:
     def _take(self, attempts: int = 50) -> None:
         """Link a record of this job to the lock's name (which fails where it exists); a stale lock found there is
         renamed aside first. Confirmed by the lock's name leading to this job's file."""
-        tmp = self._record_file()
+        tmp, fd = self._record_file()
         try:
             for _ in range(attempts):
                 try:
@@ -171,14 +173,17 @@ class RunLock:
                     self._refuse_if_live(self._with_renewal(raw, renewed))
                     self._move_aside(raw)
                     continue
-                linked = os.stat(tmp)
-                if self._identity() == (linked.st_dev, linked.st_ino):  # the lock's name leads to this job's file
-                    self._file = (linked.st_dev, linked.st_ino)
+                st = os.fstat(fd)
+                if self._identity() == (st.st_dev, st.st_ino):  # the lock's name leads to this job's file
+                    self._hold(fd)
+                    fd = None
                     return
                 self._refuse_if_live(self.holder())  # another taker's record replaced this one
             raise UserError(f"could not take {self.path}: other jobs keep taking it; start one job per run.dir")
         finally:
             tmp.unlink(missing_ok=True)
+            if fd is not None:
+                os.close(fd)
 
     def _move_aside(self, stale: bytes) -> None:
         """Rename the lock away (one of several takers succeeds) and drop it, unless what was moved is not the stale
@@ -197,40 +202,52 @@ class RunLock:
         finally:
             aside.unlink(missing_ok=True)
 
-    def _record_file(self) -> Path:
+    def _record_file(self) -> Tuple[Path, int]:
+        """A record of this job in a file of its own, and a descriptor open on it."""
         record = dict(self.mine, lease_until=time.time() + LEASE_S)
         tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(record))
-        return tmp
+        return tmp, os.open(tmp, os.O_RDONLY)
+
+    def _hold(self, fd: int) -> None:
+        """Make `fd` (from _record_file, now linked to the lock's name) the file this job holds."""
+        if self._fd is not None and self._fd != fd:
+            os.close(self._fd)
+        st = os.fstat(fd)
+        self._fd, self._file = fd, (st.st_dev, st.st_ino)
 
     def _renew(self) -> None:
         while self.lost_to is None and not self._stop.wait(RENEW_S):
             self.renew()
 
     def renew(self) -> None:
-        """Extend the lease (the renewal thread, every RENEW_S) by touching the lock file's time, once the lock's name
-        is seen to lead to the file this job linked. Another file there (this process was stopped past its lease and
-        the lock taken over) marks the lock lost; the file is never written again, so a renewal cannot replace the
-        record of a job that has just taken over."""
+        """Extend the lease (the renewal thread, every RENEW_S) by touching the time of the file this job linked,
+        through its descriptor, once the lock's name is seen to lead to it. Another file there (this process was
+        stopped past its lease and the lock taken over) marks the lock lost. The record is never written again, and
+        the touch never reaches another job's file, so a renewal can neither replace nor extend a new holder's."""
         if self.mine is None or self.lost_to is not None:
             return
         try:
             found = self._identity()
             if found is None:  # removed by hand: take it back, unless another job got there first
-                tmp = self._record_file()
+                tmp, fd = self._record_file()
                 try:
                     os.link(tmp, self.path)
-                    linked = os.stat(tmp)
-                    self._file = (linked.st_dev, linked.st_ino)
+                    self._hold(fd)
+                    fd = None
                 except FileExistsError:
-                    pass
+                    pass  # another job linked its own first
                 finally:
                     tmp.unlink(missing_ok=True)
+                    if fd is not None:
+                        os.close(fd)
                 found = self._identity()
             if found is None or found != self._file:
                 self.lost_to = self.holder() or {"job": "an unreadable lock"}
                 return
-            os.utime(self.path)  # if a take-over lands between the check and this, it extends the new lease once
+            # Through the descriptor: a take-over landing between the check and this touches nothing of the new
+            # holder's (this job's file has left the lock's name), and is found at the next renewal.
+            os.utime(self._fd)
         except OSError:
             pass  # a full disk or a hiccup of a shared file system: the lease lapses only if this goes on for LEASE_S
 
@@ -258,4 +275,9 @@ class RunLock:
             return
         if self.lost_to is None and self._file is not None and self._identity() == self._file:
             self.path.unlink(missing_ok=True)
+        if self._thread is not None:
+            self._thread.join(timeout=10)  # a renewal in progress still uses the descriptor
+        if self._fd is not None and not (self._thread is not None and self._thread.is_alive()):
+            os.close(self._fd)  # left open (until exit) if a renewal hangs on a stalled file system
+            self._fd = None
         self.mine = None

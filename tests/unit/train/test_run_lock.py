@@ -196,3 +196,32 @@ def test_renewal_moves_the_lock_file_time_and_never_writes_the_record(tmp_path):
         other.acquire(lambda m: None)
     lock.release()
     assert not path.exists()
+
+
+def test_a_renewal_racing_a_take_over_touches_nothing_of_the_new_holder(tmp_path, monkeypatch):
+    """The take-over lands between the renewal's check (the lock's name still leads to this job's file) and its touch:
+    the touch goes to this job's own file, through its descriptor, so the new holder's lease is not extended."""
+    first = RunLock(tmp_path, env={"SLURM_JOB_ID": "1"})
+    first.acquire(lambda m: None)
+    path = tmp_path / LOCK_FILE
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, lease_until=time.time() - 1)))  # the lease lapsed
+    os.utime(path, (time.time() - LEASE_S - 1,) * 2)
+    second = RunLock(tmp_path, env={"SLURM_JOB_ID": "2"})
+    checked = first._identity()
+
+    def take_over_after_the_check():
+        second.acquire(lambda m: None)
+        os.utime(path, (time.time() - 100,) * 2)  # the new holder's file, 100 s old: a touch would move it on
+        return checked
+
+    monkeypatch.setattr(first, "_identity", take_over_after_the_check)
+    first.renew()
+    monkeypatch.undo()
+    assert abs(os.stat(path).st_mtime - (time.time() - 100)) < 5  # untouched
+    assert json.loads(path.read_text())["job"] == "slurm job 2"
+    first.renew()  # the next renewal finds it out
+    assert "taken over by slurm job 2" in first.lost
+    first.release()
+    second.release()
+    assert not path.exists()
