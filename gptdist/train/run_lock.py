@@ -17,10 +17,9 @@ file it linked (device and inode): the one exact test of "is this still mine", f
 Renewing never writes the record again: the holder checks that the lock's name still leads to the very file it
 linked (device and inode) and touches that file's time through a descriptor it keeps open on it, never by the lock's
 name. A renewal racing a take-over therefore touches only the file the take-over moved away: it neither extends the
-new holder's lease nor replaces its record. A holder whose renewal finds another file
-under the lock's name (this process was stopped past its lease and the lock was taken over) records that it lost it
-(`lost`): the checkpointer then neither saves nor prunes, and the run stops at
-its next step with one line naming the new holder.
+new holder's lease nor replaces its record. A holder whose renewal finds another file under the lock's name (this
+process was stopped past its lease and the lock was taken over) records that it lost it (`lost`): the checkpointer
+then neither saves nor prunes, and the run stops at its next step with one line naming the new holder.
 
 Only rank 0 takes the lock; the launcher stops the other ranks when rank 0 exits. `gptdist check` reads it and
 refuses the same way, so the launch scripts stop before starting any rank.
