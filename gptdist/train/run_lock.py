@@ -84,9 +84,6 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def _raw(self) -> Optional[bytes]:
-        return self._read()[0]
-
     def _read(self) -> Tuple[Optional[bytes], Optional[float]]:
         """The lock's bytes and its file's time (when its holder last renewed the lease), read from one open file."""
         try:

@@ -19,21 +19,33 @@ def _losses(run):
     return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+def _paused_once_it_trains(recipe, run):
+    """launch/train.sh with 2 ranks, paused (SIGSTOP to its whole process group) once metrics.jsonl has a line, so
+    that it holds run.dir for as long as the test needs, however fast or slow the machine."""
+    job = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=cpu_env({"GPUS_PER_NODE": "2"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before it trained"
+            time.sleep(0.2)
+    except BaseException:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
+    os.killpg(job.pid, signal.SIGSTOP)
+    return job
+
+
 def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_path, corpus, tokenizer_path):
     """The first job is paused (SIGSTOP to its whole process group) once it trains, so that it holds run.dir while
     the second one tries, however fast or slow the machine; it is resumed afterwards and must finish unharmed."""
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 60, "log_every": 5},
                           checkpoint={"every": 20})
-    env = cpu_env({"GPUS_PER_NODE": "2"})
-    first = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = _paused_once_it_trains(recipe, run)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it trained"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGSTOP)
         holder = json.loads((run / LOCK_FILE).read_text())
         seconds = []
         for attempt in (lambda: launch(recipe, ranks=2), lambda: train_single(recipe)):  # the script's check, a rank
@@ -105,14 +117,8 @@ def test_a_run_whose_lock_is_taken_over_stops_without_saving_and_leaves_the_new_
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", corpus, tokenizer_path, run, train={"steps": 100000, "log_every": 5},
                           checkpoint={"every": 100000})
-    first = subprocess.Popen(["bash", "launch/train.sh", str(recipe)], cwd=ROOT, env=cpu_env({"GPUS_PER_NODE": "2"}),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = _paused_once_it_trains(recipe, run)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
-            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it trained"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGSTOP)
         lock = run / LOCK_FILE
         os.rename(lock, run / f"{LOCK_FILE}.stale")
         record = {"job": "slurm job 77", "host": "node-b", "pid": 4242, "started": "x", "since": time.time(),
