@@ -48,7 +48,10 @@ def runs(tmp_path_factory, corpus, tokenizer_path):
 
     def run_all(jobs):
         with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = {key: pool.submit(run_layout, *job(*key), env=cpu_env()) for key in jobs}
+            # No bytecode written: on a clean clone the first run to import a module writes its .pyc (from whichever
+            # rank gets there first), which the byte count below would take for cache writes.
+            env = cpu_env({"PYTHONDONTWRITEBYTECODE": "1"})
+            futures = {key: pool.submit(run_layout, *job(*key), env=env) for key in jobs}
             return {key: f.result() for key, f in futures.items()}
 
     out = run_all([(n, "first") for n in LAYOUTS])
